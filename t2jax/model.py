@@ -1,0 +1,403 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions over pytrees.
+
+Numerically identical to transformers' PyTorch models: HF's rotate-half RoPE layout (no q/k
+permutation, so SVD factors line up with HF weights), Llama-3 rope scaling, grouped-query attention,
+SwiGLU MLP, RMSNorm computed in fp32, optional q/k/v biases (Qwen2).
+
+Axis letters used in shape comments and einsums:
+  B batch, T query length, S key/cache length, D model width, F MLP width, N query heads,
+  K key/value heads, G query heads per kv head (N/K), H head dim, V vocab, L layers, R SVD rank.
+
+Layer weights are dicts keyed by HF module names ("self_attn.q_proj", "mlp.down_proj", ...), with
+kernels in `x @ W` orientation ([in, out], the transpose of HF's [out, in]). `Weights.layers` is
+either *stacked* (one dict of [L, ...] arrays, run with `lax.scan`: flat compile time, the norm on
+TPU/GPU) or *unstacked* (a tuple of per-layer dicts, run with an unrolled loop: on XLA:CPU slicing
+a layer out of a stacked array inside the loop copies it every step, which halves decode speed).
+`stack_layers` / `unstack_layers` convert between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2jax import svf as svf_lib
+from t2jax.config import ModelConfig, RopeScaling
+
+Array = jax.Array
+LayerDict = dict[str, Array]
+Layers = LayerDict | tuple[LayerDict, ...]
+
+ATTN_KERNELS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_KERNELS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+QKV_BIASES = tuple(f"{name}.bias" for name in ATTN_KERNELS[:3])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Weights:
+    """Decoder parameters. `lm_head` is None when the embedding is tied."""
+
+    embed: Array  # [V, D]
+    layers: Layers  # stacked {name: [L, ...]} or tuple of L {name: [...]}
+    final_norm: Array  # [D]
+    lm_head: Array | None  # [D, V]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated key/value cache. Rows are left-padded, so every row writes the same slot at a
+    given step and one scalar `index` (the next slot to write) serves the whole batch."""
+
+    k: Array | tuple[Array, ...]  # [L, B, S, K, H] or L x [B, S, K, H]
+    v: Array | tuple[Array, ...]  # same as k
+    valid: Array  # [B, S] bool: slot holds a real (non-pad) token
+    index: Array  # [] int32
+
+
+def is_stacked(layers: Layers) -> bool:
+    """Whether `layers` is one dict of [L, ...] arrays (as opposed to a tuple of per-layer dicts)."""
+    return not isinstance(layers, tuple)
+
+
+def stack_layers(layers: Layers) -> LayerDict:
+    """Converts per-layer dicts to one dict of [L, ...] arrays (no-op when already stacked)."""
+    if is_stacked(layers):
+        return layers
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def unstack_layers(layers: Layers) -> tuple[LayerDict, ...]:
+    """Converts a dict of [L, ...] arrays to a tuple of per-layer dicts (no-op when unstacked)."""
+    if not is_stacked(layers):
+        return layers
+    num_layers = len(next(iter(layers.values())))
+    return tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers))
+
+
+def layer_slice(tree: Any, index: int) -> Any:
+    """Layer `index` of a stacked tree ([L, ...] leaves) or of a tuple of per-layer trees."""
+    if isinstance(tree, tuple):
+        return tree[index]
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def default_layout_is_stacked() -> bool:
+    """Stacked layers (scan) on accelerators; unstacked (unrolled) on CPU, where it decodes 2x faster."""
+    return jax.default_backend() != "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion from HF tensors.
+
+
+def hf_layer_tensor_names(config: ModelConfig, layer: int) -> dict[str, str]:
+    """Maps our per-layer keys to the HF tensor names of layer `layer`."""
+    prefix = f"model.layers.{layer}."
+    names = {key: f"{prefix}{key}.weight" for key in ATTN_KERNELS + MLP_KERNELS + LAYER_NORMS}
+    if config.qkv_bias:
+        names.update({key: f"{prefix}{key}" for key in QKV_BIASES})
+    if config.o_bias:
+        names["self_attn.o_proj.bias"] = f"{prefix}self_attn.o_proj.bias"
+    return names
+
+
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The HF tensor names and [out, in] shapes that a checkpoint of `config` must contain."""
+    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
+    per_layer = {
+        "self_attn.q_proj": (q, d),
+        "self_attn.k_proj": (kv, d),
+        "self_attn.v_proj": (kv, d),
+        "self_attn.o_proj": (d, q),
+        "mlp.gate_proj": (f, d),
+        "mlp.up_proj": (f, d),
+        "mlp.down_proj": (d, f),
+        "input_layernorm": (d,),
+        "post_attention_layernorm": (d,),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (d,),
+    }
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    for layer in range(config.num_layers):
+        for key, name in hf_layer_tensor_names(config, layer).items():
+            shapes[name] = per_layer[key]
+    return shapes
+
+
+def weights_from_hf(
+    config: ModelConfig,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    dtype: Any = jnp.float32,
+    stacked: bool | None = None,
+    skip: Callable[[str], bool] = lambda name: False,
+    place: Callable[[str, np.ndarray], Array] | None = None,
+) -> Weights:
+    """Builds `Weights` from HF-named tensors in HF [out, in] orientation.
+
+    Args:
+        config: the model architecture.
+        tensors: HF name -> array (may load lazily; each tensor is read once).
+        dtype: parameter dtype (fp32 on CPU; bf16 on accelerators).
+        stacked: layer layout; defaults to `default_layout_is_stacked()`.
+        skip: predicate on our per-layer keys ("mlp.gate_proj") whose dense kernels to drop, e.g.
+            once SVD factors replace them.
+        place: optional `(key, host_array) -> device array` used to shard leaves as they load.
+
+    Raises:
+        KeyError: a tensor the config requires is missing.
+    """
+    stacked = default_layout_is_stacked() if stacked is None else stacked
+    place = place or (lambda key, x: jnp.asarray(x))
+
+    def fetch(name: str, transpose: bool) -> np.ndarray:
+        if name not in tensors:
+            raise KeyError(f"checkpoint is missing tensor {name!r}")
+        array = np.asarray(tensors[name], dtype=np.float32)
+        return (array.T if transpose else array).astype(dtype)
+
+    def layer(index: int) -> dict[str, np.ndarray]:
+        return {
+            key: fetch(name, transpose=key in ATTN_KERNELS + MLP_KERNELS)
+            for key, name in hf_layer_tensor_names(config, index).items()
+            if not skip(key)
+        }
+
+    per_layer = [layer(i) for i in range(config.num_layers)]
+    if stacked:
+        layers = {key: place(key, np.stack([lw[key] for lw in per_layer])) for key in per_layer[0]}
+    else:
+        layers = tuple({key: place(key, x) for key, x in lw.items()} for lw in per_layer)
+    lm_head = None
+    if not config.tie_word_embeddings:
+        lm_head = place("lm_head", fetch("lm_head.weight", transpose=True))
+    return Weights(
+        embed=place("embed", fetch("model.embed_tokens.weight", transpose=False)),
+        layers=layers,
+        final_norm=place("final_norm", fetch("model.norm.weight", transpose=False)),
+        lm_head=lm_head,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm as HF computes it: normalize in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)  # [..., D]
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # [..., D]
+    return scale * normed.astype(x.dtype)  # [..., D]
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Array:
+    """RoPE inverse frequencies [H/2] in fp32, with Llama-3 frequency-dependent scaling."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim  # [H/2]
+    inv_freq = 1.0 / (theta**exponents)  # [H/2]
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq  # [H/2]
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)  # [H/2]
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )  # [H/2]
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled  # [H/2]
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)  # [H/2]
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotary embedding in HF's rotate-half layout. x: [B, T, heads, H]; positions: [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    first, second = jnp.split(x, 2, axis=-1)  # 2 x [B, T, heads, H/2]
+    rotated = jnp.concatenate([-second, first], axis=-1)  # [B, T, heads, H]
+    out = x * jnp.cos(angles).astype(x.dtype) + rotated * jnp.sin(angles).astype(x.dtype)
+    return out  # [B, T, heads, H]
+
+
+def attention_mask(query_slots: Array, key_valid: Array, sliding_window: int | None) -> Array:
+    """Boolean [B, T, S]: key slot s is visible from query slot t if it holds a real token, is not
+    in the future, and (Mistral) lies inside the sliding window. Left padding keeps real tokens in
+    consecutive slots, so slot distance equals position distance."""
+    key_slots = jnp.arange(key_valid.shape[1])  # [S]
+    visible = key_slots[None, None, :] <= query_slots[None, :, None]  # [1, T, S]
+    if sliding_window is not None:
+        visible &= query_slots[None, :, None] - key_slots[None, None, :] < sliding_window
+    return visible & key_valid[:, None, :]  # [B, T, S]
+
+
+def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S]."""
+    batch, length, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)  # [B, T, K, G, H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)  # [B, K, G, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [B, T, K, G, H]
+    return out.reshape(batch, length, num_heads * head_dim)  # [B, T, N*H]
+
+
+def _project(x: Array, layer: LayerDict, name: str, svf_layer: svf_lib.LayerSVF | None) -> Array:
+    """x @ W (+ bias), where W is the dense kernel or, for SVF targets, its adapted factors."""
+    if svf_layer is not None and name in svf_layer.targets:
+        out = svf_lib.adapted_matmul(x, svf_layer.targets[name], svf_layer.mode)  # [B, T, out]
+    else:
+        out = jnp.einsum("bti,io->bto", x, layer[name])  # [B, T, out]
+    bias = layer.get(f"{name}.bias")
+    return out if bias is None else out + bias
+
+
+def _decoder_layer(
+    config: ModelConfig,
+    x: Array,
+    layer: LayerDict,
+    svf_layer: svf_lib.LayerSVF | None,
+    k_cache: Array,
+    v_cache: Array,
+    positions: Array,
+    mask: Array,
+    write_index: Array,
+    inv_freq: Array,
+) -> tuple[Array, Array, Array]:
+    """One pre-norm decoder block; returns the new residual stream and this layer's cache."""
+    batch, length, _ = x.shape
+    h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)  # [B, T, D]
+    q = _project(h, layer, "self_attn.q_proj", svf_layer)  # [B, T, N*H]
+    k = _project(h, layer, "self_attn.k_proj", svf_layer)  # [B, T, K*H]
+    v = _project(h, layer, "self_attn.v_proj", svf_layer)  # [B, T, K*H]
+    q = apply_rope(q.reshape(batch, length, config.num_heads, config.head_dim), positions, inv_freq)
+    k = apply_rope(
+        k.reshape(batch, length, config.num_kv_heads, config.head_dim), positions, inv_freq
+    )
+    v = v.reshape(batch, length, config.num_kv_heads, config.head_dim)  # [B, T, K, H]
+    start = (0, write_index, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)  # [B, S, K, H]
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)  # [B, S, K, H]
+    attn = grouped_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+    x = x + _project(attn, layer, "self_attn.o_proj", svf_layer)  # [B, T, D]
+    h = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)  # [B, T, D]
+    gate = _project(h, layer, "mlp.gate_proj", svf_layer)  # [B, T, F]
+    up = _project(h, layer, "mlp.up_proj", svf_layer)  # [B, T, F]
+    x = x + _project(jax.nn.silu(gate) * up, layer, "mlp.down_proj", svf_layer)  # [B, T, D]
+    return x, k_cache, v_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pass.
+
+
+def init_cache(
+    config: ModelConfig, batch: int, length: int, *, dtype: Any = jnp.float32, stacked: bool = True
+) -> KVCache:
+    """An empty cache of `length` slots, in the stacked or unstacked layout of the weights."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    if stacked:
+        k = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, S, K, H]
+        v = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, S, K, H]
+    else:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # L x [B, S, K, H]
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # L x [B, S, K, H]
+    valid = jnp.zeros((batch, length), bool)  # [B, S]
+    return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
+
+
+def forward(
+    config: ModelConfig,
+    weights: Weights,
+    tokens: Array,
+    positions: Array,
+    token_mask: Array,
+    cache: KVCache | None = None,
+    svf: svf_lib.ModelSVF | None = None,
+) -> tuple[Array, KVCache]:
+    """Runs the decoder and returns final-norm hidden states and the updated cache.
+
+    Args:
+        config: architecture.
+        weights: parameters (stacked or unstacked layers).
+        tokens: [B, T] int token ids (pad ids are arbitrary: masked out).
+        positions: [B, T] RoPE positions (count of real tokens before each token).
+        token_mask: [B, T] bool, True for real tokens.
+        cache: KV cache to append to; None runs a cache-free pass over just these tokens.
+        svf: SVF adaptation (merged or factored) of some kernels, or None for the base model.
+
+    Returns:
+        hidden: [B, T, D] hidden states after the final norm (feed to `logits`).
+        cache: the cache with these tokens written at `cache.index` and the index advanced.
+    """
+    if cache is None:
+        cache = init_cache(
+            config, *tokens.shape, dtype=weights.embed.dtype, stacked=is_stacked(weights.layers)
+        )
+    length = tokens.shape[1]
+    x = jnp.take(weights.embed, tokens, axis=0)  # [B, T, D]
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))  # [B, S]
+    query_slots = cache.index + jnp.arange(length)  # [T]
+    mask = attention_mask(query_slots, valid, config.sliding_window)  # [B, T, S]
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def step(x, layer_inputs):
+        layer, svf_layer, k_cache, v_cache = layer_inputs
+        return _split_carry(
+            _decoder_layer(
+                config,
+                x,
+                layer,
+                svf_layer,
+                k_cache,
+                v_cache,
+                positions,
+                mask,
+                cache.index,
+                inv_freq,
+            )
+        )
+
+    svf_layers = None if svf is None else svf.layers
+    if is_stacked(weights.layers):
+        x, (k, v) = jax.lax.scan(step, x, (weights.layers, svf_layers, cache.k, cache.v))
+    else:
+        new_k, new_v = [], []
+        for i, layer in enumerate(weights.layers):
+            svf_layer = None if svf is None else layer_slice(svf_layers, i)
+            x, (k_i, v_i) = step(x, (layer, svf_layer, cache.k[i], cache.v[i]))
+            new_k.append(k_i)
+            new_v.append(v_i)
+        k, v = tuple(new_k), tuple(new_v)
+    hidden = rms_norm(x, weights.final_norm, config.rms_norm_eps)  # [B, T, D]
+    return hidden, KVCache(k=k, v=v, valid=valid, index=cache.index + length)
+
+
+def _split_carry(outputs: tuple[Array, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
+    x, k, v = outputs
+    return x, (k, v)
+
+
+def logits(weights: Weights, hidden: Array) -> Array:
+    """Vocabulary logits [..., V] in fp32 from hidden states [..., D]."""
+    head = weights.embed.T if weights.lm_head is None else weights.lm_head  # [D, V]
+    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+
+def positions_from_mask(token_mask: Array) -> Array:
+    """RoPE positions [B, T] for left-padded rows: the number of real tokens before each one."""
+    return jnp.maximum(jnp.cumsum(token_mask, axis=-1) - 1, 0).astype(jnp.int32)

@@ -1,0 +1,343 @@
+"""Batched text generation: one jitted prefill, then one jitted `lax.while_loop` decode.
+
+Prompts are left-padded to a length bucket, so every row writes the same cache slot at each step
+and pads never shift RoPE positions. The output buffer has a bucketed static length; the number of
+new tokens, the temperature and top-p are traced arrays, so changing them never recompiles. The loop
+stops as soon as every row has produced an end id. Stop strings need the tokenizer, so they are
+checked on the host between decode chunks (rows that hit one are marked done) and the text is cut
+at the stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2jax import model as model_lib
+from t2jax.config import ModelConfig, SamplerConfig
+from t2jax.svf import ModelSVF
+
+Array = jax.Array
+
+STOP_CHECK_CHUNK = 32  # decode steps between host-side stop-string checks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Loop state of the decode `while_loop`."""
+
+    cache: model_lib.KVCache
+    tokens: Array  # [B, N] generated ids (pad after a row is done)
+    next_token: Array  # [B] last sampled id, fed at the next step
+    next_position: Array  # [B] RoPE position of next_token
+    done: Array  # [B] bool
+    lengths: Array  # [B] int32: generated tokens before the end id
+    step: Array  # [] int32: tokens generated so far (the next write column)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Result of `Sampler.generate`, one entry per prompt."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]  # "eos", "stop" or "length"
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= length; beyond the largest, the next multiple of the largest."""
+    for bucket in sorted(buckets):
+        if length <= bucket:
+            return bucket
+    largest = max(buckets)
+    return -(-length // largest) * largest
+
+
+def new_tokens_bucket(max_new_tokens: int) -> int:
+    """Output-buffer length for `max_new_tokens`: a power of two, at least 64."""
+    return max(64, 1 << (max(max_new_tokens, 1) - 1).bit_length())
+
+
+def left_pad(
+    token_lists: Sequence[Sequence[int]], length: int, rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists into [rows, length] ids and a bool mask (extra rows are all pad)."""
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), bool)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            ids[row, length - len(tokens) :] = tokens
+            mask[row, length - len(tokens) :] = True
+    return ids, mask
+
+
+def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
+    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits: [B, V]."""
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+
+    def stochastic(_):
+        scaled = logits / temperature  # [B, V]
+        scaled = jax.lax.cond(top_p < 1.0, _nucleus_filter, lambda x, p: x, scaled, top_p)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)  # [B]
+
+    return jax.lax.cond(temperature > 0, stochastic, greedy, None)
+
+
+def _nucleus_filter(logits: Array, top_p: Array) -> Array:
+    """Masks tokens outside the smallest set whose probability mass reaches top_p. [B, V]."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, V]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V]
+    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)  # [B, V]
+    threshold = jnp.min(kept, axis=-1, keepdims=True)  # [B, 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)  # [B, V]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "out_length"))
+def prefill(
+    config: ModelConfig,
+    weights: model_lib.Weights,
+    svf: ModelSVF | None,
+    tokens: Array,
+    token_mask: Array,
+    key: Array,
+    temperature: Array,
+    top_p: Array,
+    eos_ids: Array,
+    out_length: int,
+) -> DecodeState:
+    """Runs the prompts [B, P] through the model and samples the first new token."""
+    batch, prompt_length = tokens.shape
+    cache = model_lib.init_cache(
+        config,
+        batch,
+        prompt_length + out_length,
+        dtype=weights.embed.dtype,
+        stacked=model_lib.is_stacked(weights.layers),
+    )
+    positions = model_lib.positions_from_mask(token_mask)  # [B, P]
+    hidden, cache = model_lib.forward(config, weights, tokens, positions, token_mask, cache, svf)
+    last_logits = model_lib.logits(weights, hidden[:, -1])  # [B, V]
+    first = sample_token(last_logits, jax.random.fold_in(key, 0), temperature, top_p)  # [B]
+    empty_row = ~jnp.any(token_mask, axis=-1)  # [B] batch-padding rows
+    done = jnp.isin(first, eos_ids) | empty_row  # [B]
+    out = jnp.zeros((batch, out_length), jnp.int32).at[:, 0].set(jnp.where(done, 0, first))
+    return DecodeState(
+        cache=cache,
+        tokens=out,
+        next_token=first,
+        next_position=positions[:, -1] + 1,
+        done=done,
+        lengths=jnp.where(done, 0, 1).astype(jnp.int32),
+        step=jnp.ones((), jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def decode(
+    config: ModelConfig,
+    weights: model_lib.Weights,
+    svf: ModelSVF | None,
+    state: DecodeState,
+    key: Array,
+    temperature: Array,
+    top_p: Array,
+    eos_ids: Array,
+    stop_at_step: Array,
+) -> DecodeState:
+    """Generates tokens until `step == stop_at_step` or every row is done."""
+
+    def keep_going(state: DecodeState) -> Array:
+        return (state.step < stop_at_step) & ~jnp.all(state.done)
+
+    def one_token(state: DecodeState) -> DecodeState:
+        tokens = state.next_token[:, None]  # [B, 1]
+        positions = state.next_position[:, None]  # [B, 1]
+        live = ~state.done[:, None]  # [B, 1]
+        hidden, cache = model_lib.forward(
+            config, weights, tokens, positions, live, state.cache, svf
+        )
+        step_logits = model_lib.logits(weights, hidden[:, 0])  # [B, V]
+        new = sample_token(step_logits, jax.random.fold_in(key, state.step), temperature, top_p)
+        finished = state.done | jnp.isin(new, eos_ids)  # [B]
+        column = jnp.where(finished, 0, new)[:, None]  # [B, 1]
+        return DecodeState(
+            cache=cache,
+            tokens=jax.lax.dynamic_update_slice(state.tokens, column, (0, state.step)),
+            next_token=new,
+            next_position=state.next_position + 1,
+            done=finished,
+            lengths=state.lengths + (~finished).astype(jnp.int32),
+            step=state.step + 1,
+        )
+
+    return jax.lax.while_loop(keep_going, one_token, state)
+
+
+class Sampler:
+    """Generates text for batches of prompts with a loaded model.
+
+    Args:
+        config: model architecture.
+        weights: model parameters (already placed/sharded as desired).
+        tokenizer: a transformers tokenizer (for encoding strings and checking stop strings).
+        eos_ids: every id that ends a sequence.
+        sampler_config: bucket sizes.
+        batch_sharding: optional sharding for [B, ...] inputs (batch on the mesh's data axes).
+        batch_multiple: batches are padded to a multiple of this (e.g. the data-parallel size).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: model_lib.Weights,
+        tokenizer: Any,
+        eos_ids: Sequence[int],
+        sampler_config: SamplerConfig = SamplerConfig(),
+        batch_sharding: jax.sharding.Sharding | None = None,
+        batch_multiple: int = 1,
+    ):
+        if not eos_ids:
+            raise ValueError("at least one end-of-sequence id is required")
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.eos_ids = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
+        self.sampler_config = sampler_config
+        self.batch_sharding = batch_sharding
+        self.batch_multiple = batch_multiple
+
+    def encode(self, prompts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of already-rendered prompt strings (chat templates add their own BOS)."""
+        return [
+            self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in prompts
+        ]
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_strings: Sequence[str] = (),
+        seed: int = 0,
+        svf: ModelSVF | None = None,
+    ) -> Generation:
+        """Generates a completion for each prompt (strings are encoded without special tokens).
+
+        Args:
+            prompts: rendered prompt strings, or token-id lists.
+            max_new_tokens: upper bound on generated tokens per row.
+            temperature: 0 for greedy decoding.
+            top_p: nucleus sampling mass (1.0 disables it).
+            stop_strings: generation of a row stops at the first of these; the text is cut before it.
+            seed: PRNG seed for sampling.
+            svf: SVF adaptation: merged (one expert) or factored (z per row, [L, B, R] leaves).
+
+        Returns:
+            The decoded texts, generated ids (without the end id) and finish reasons.
+        """
+        if not prompts:
+            return Generation([], [], [])
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        token_lists = [self.encode([p])[0] if isinstance(p, str) else list(p) for p in prompts]
+        if any(not tokens for tokens in token_lists):
+            raise ValueError("every prompt must contain at least one token")
+        rows = -(-len(token_lists) // self.batch_multiple) * self.batch_multiple
+        length = bucket_length(max(map(len, token_lists)), self.sampler_config.prompt_buckets)
+        ids, mask = left_pad(token_lists, length, rows)
+        ids, mask = self._place(ids), self._place(mask)
+        key = jax.random.key(seed)
+        temperature_array = jnp.asarray(temperature, jnp.float32)
+        top_p_array = jnp.asarray(top_p, jnp.float32)
+        state = prefill(
+            self.config,
+            self.weights,
+            svf,
+            ids,
+            mask,
+            key,
+            temperature_array,
+            top_p_array,
+            self.eos_ids,
+            out_length=new_tokens_bucket(max_new_tokens),
+        )
+        chunk = STOP_CHECK_CHUNK if stop_strings else max_new_tokens
+        stopped = np.zeros(rows, bool)
+        while True:
+            target = min(int(state.step) + chunk, max_new_tokens)
+            state = decode(
+                self.config,
+                self.weights,
+                svf,
+                state,
+                key,
+                temperature_array,
+                top_p_array,
+                self.eos_ids,
+                jnp.asarray(target, jnp.int32),
+            )
+            if stop_strings:
+                state, stopped = self._apply_stop_strings(state, stop_strings, stopped)
+            if int(state.step) >= max_new_tokens or bool(jnp.all(state.done)):
+                break
+        return self._finish(state, len(token_lists), stop_strings, stopped)
+
+    def _place(self, array: np.ndarray) -> Array:
+        if self.batch_sharding is None:
+            return jnp.asarray(array)
+        return jax.device_put(array, self.batch_sharding)
+
+    def _apply_stop_strings(
+        self, state: DecodeState, stop_strings: Sequence[str], stopped: np.ndarray
+    ) -> tuple[DecodeState, np.ndarray]:
+        """Marks rows whose text so far contains a stop string as done."""
+        tokens, lengths, done = (np.asarray(x) for x in (state.tokens, state.lengths, state.done))
+        stopped = stopped.copy()
+        for row in np.flatnonzero(~done):
+            text = self.tokenizer.decode(tokens[row, : lengths[row]].tolist())
+            stopped[row] = any(stop in text for stop in stop_strings)
+        if not stopped.any():
+            return state, stopped
+        new_done = jnp.asarray(done | stopped)
+        return dataclasses.replace(state, done=new_done), stopped
+
+    def _finish(
+        self, state: DecodeState, num_prompts: int, stop_strings: Sequence[str], stopped: np.ndarray
+    ) -> Generation:
+        tokens, lengths, done = (np.asarray(x) for x in (state.tokens, state.lengths, state.done))
+        texts, token_ids, reasons = [], [], []
+        for row in range(num_prompts):
+            ids = tokens[row, : lengths[row]].tolist()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut = _cut_at_stop_string(text, stop_strings)
+            if stopped[row] or cut != text:
+                reasons.append("stop")
+            elif done[row]:
+                reasons.append("eos")
+            else:
+                reasons.append("length")
+            texts.append(cut)
+            token_ids.append(ids)
+        return Generation(texts=texts, token_ids=token_ids, finish_reasons=reasons)
+
+
+def _cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
+    """Text before the earliest occurrence of any stop string."""
+    positions = [text.find(stop) for stop in stop_strings if stop in text]
+    return text[: min(positions)] if positions else text
