@@ -1,0 +1,169 @@
+"""Sampler: cache consistency, padding invariance, end ids, stop strings, no recompilation."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+import tiny
+
+from t2jax import model as model_lib
+from t2jax.checkpoints import load_checkpoint
+from t2jax.config import SamplerConfig
+from t2jax.sampler import Sampler, bucket_length, new_tokens_bucket
+
+pytest.importorskip("torch")
+
+PROMPTS = ["Hello there", "A much longer prompt about singular values", "x"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    tiny.save_tiny_checkpoint(directory, "llama", seed=3)
+    return load_checkpoint(str(directory), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    """The tiny model in the CPU default (unrolled) layout."""
+    return tiny_checkpoint, model_lib.weights_from_hf(
+        tiny_checkpoint.config, tiny_checkpoint.tensors, stacked=False
+    )
+
+
+def _sampler(tiny_model, eos_ids=(tiny.VOCAB_SIZE - 1,), **config):
+    checkpoint, weights = tiny_model
+    return Sampler(
+        checkpoint.config, weights, checkpoint.tokenizer, eos_ids, SamplerConfig(**config)
+    )
+
+
+def _greedy_reference(config, weights, prompt_ids, steps):
+    """Greedy tokens from a full cache-free re-forward at every step. The sequence is right-padded
+    to a fixed length (causal attention ignores the pads), so one compilation serves every step."""
+    length = len(prompt_ids) + steps
+    forward = jax.jit(model_lib.forward, static_argnums=0)
+    sequence = list(prompt_ids)
+    for _ in range(steps):
+        tokens = jnp.asarray([sequence + [0] * (length - len(sequence))])
+        mask = jnp.arange(length)[None] < len(sequence)
+        hidden, _ = forward(config, weights, tokens, jnp.arange(length)[None], mask)
+        sequence.append(int(jnp.argmax(model_lib.logits(weights, hidden[0, len(sequence) - 1]))))
+    return sequence[len(prompt_ids) :]
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["scan", "unrolled"])
+def test_greedy_with_cache_equals_argmax_of_full_reforward(tiny_checkpoint, stacked):
+    weights = model_lib.weights_from_hf(
+        tiny_checkpoint.config, tiny_checkpoint.tensors, stacked=stacked
+    )
+    tiny_model = (tiny_checkpoint, weights)
+    sampler = _sampler(tiny_model)
+    generation = sampler.generate(PROMPTS, max_new_tokens=12)
+    for prompt, generated in zip(sampler.encode(PROMPTS), generation.token_ids, strict=True):
+        assert generated == _greedy_reference(tiny_checkpoint.config, weights, prompt, 12)
+    assert generation.lengths == [12, 12, 12]
+    assert generation.finish_reasons == ["length"] * 3
+
+
+def test_left_padding_amount_does_not_change_tokens(tiny_model):
+    alone = _sampler(tiny_model).generate(PROMPTS[:1], max_new_tokens=10)
+    in_batch = _sampler(tiny_model).generate(PROMPTS, max_new_tokens=10)
+    wide_bucket = _sampler(tiny_model, prompt_buckets=(200,)).generate(PROMPTS, max_new_tokens=10)
+
+    assert alone.token_ids[0] == in_batch.token_ids[0] == wide_bucket.token_ids[0]
+    assert in_batch.token_ids == wide_bucket.token_ids
+
+
+def test_stops_on_any_of_several_end_ids(tiny_model):
+    free = _sampler(tiny_model).generate(PROMPTS, max_new_tokens=16)
+    # Pick, per row, a token it generates; each row must stop before its first occurrence.
+    end_ids = {free.token_ids[0][3], free.token_ids[1][6]}
+    stopped = _sampler(tiny_model, eos_ids=tuple(end_ids)).generate(PROMPTS, max_new_tokens=16)
+
+    for free_ids, ids, reason in zip(
+        free.token_ids, stopped.token_ids, stopped.finish_reasons, strict=True
+    ):
+        first_end = next((i for i, t in enumerate(free_ids) if t in end_ids), None)
+        if first_end is None:
+            assert ids == free_ids and reason == "length"
+        else:
+            assert ids == free_ids[:first_end] and reason == "eos"
+    assert stopped.finish_reasons[:2] == ["eos", "eos"]
+
+
+def test_stop_string_truncates_text_and_ends_generation_early(tiny_model):
+    free = _sampler(tiny_model).generate(PROMPTS[:2], max_new_tokens=120)
+    stop = free.texts[0][5:8]
+    assert stop, "the tiny model generated too little text for this test"
+    stopped = _sampler(tiny_model).generate(PROMPTS[:2], max_new_tokens=120, stop_strings=[stop])
+
+    assert stopped.texts[0] == free.texts[0][: free.texts[0].find(stop)]
+    assert stopped.finish_reasons[0] == "stop"
+    assert len(stopped.token_ids[0]) < 120  # decoding ended at the next stop-string check
+
+
+def test_no_recompilation_across_max_new_tokens_and_temperature(tiny_model):
+    from t2jax import sampler as sampler_lib
+
+    sampler = _sampler(tiny_model)
+    sampler.generate(PROMPTS, max_new_tokens=20)
+    compiled = (sampler_lib.prefill._cache_size(), sampler_lib.decode._cache_size())
+    sampler.generate(PROMPTS, max_new_tokens=45, temperature=0.7, top_p=0.9, seed=4)
+    sampler.generate(PROMPTS[::-1], max_new_tokens=3, temperature=1.3)
+
+    assert (sampler_lib.prefill._cache_size(), sampler_lib.decode._cache_size()) == compiled
+
+
+def test_sampling_is_seeded_and_temperature_matters(tiny_model):
+    sampler = _sampler(tiny_model)
+    first = sampler.generate(PROMPTS, max_new_tokens=16, temperature=1.0, seed=7)
+    again = sampler.generate(PROMPTS, max_new_tokens=16, temperature=1.0, seed=7)
+    other = sampler.generate(PROMPTS, max_new_tokens=16, temperature=1.0, seed=8)
+    greedy = sampler.generate(PROMPTS, max_new_tokens=16)
+
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+    assert first.token_ids != greedy.token_ids
+
+
+def test_tiny_top_p_is_greedy(tiny_model):
+    sampler = _sampler(tiny_model)
+    nucleus = sampler.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=3)
+    greedy = sampler.generate(PROMPTS, max_new_tokens=10)
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_bucketing_helpers():
+    assert bucket_length(10, (64, 128)) == 64
+    assert bucket_length(65, (64, 128)) == 128
+    assert bucket_length(300, (64, 128)) == 384
+    assert new_tokens_bucket(1) == 64
+    assert new_tokens_bucket(100) == 128
+    assert new_tokens_bucket(512) == 512
+
+
+def test_bad_arguments_are_clear_errors(tiny_model):
+    sampler = _sampler(tiny_model)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampler.generate(PROMPTS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.generate([[]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="end-of-sequence"):
+        _sampler(tiny_model, eos_ids=())
+
+
+def test_batch_sharded_generation_equals_unsharded(tiny_model):
+    from t2jax import parallel
+    from t2jax.config import MeshConfig
+
+    checkpoint, weights = tiny_model
+    mesh = parallel.make_mesh(MeshConfig(shape=(8, 1, 1)))
+    sharded = Sampler(
+        checkpoint.config,
+        weights,
+        checkpoint.tokenizer,
+        (tiny.VOCAB_SIZE - 1,),
+        batch_sharding=parallel.batch_sharding(mesh),
+        batch_multiple=8,
+    ).generate(PROMPTS, max_new_tokens=8)
+    assert sharded.token_ids == _sampler(tiny_model).generate(PROMPTS, max_new_tokens=8).token_ids
