@@ -7,11 +7,18 @@ reduced SVD of a kernel in `x @ W` orientation (A = V, B = U^T of HF's [out, in]
 Two equivalent ways to apply it:
   * merged:   materialize W' (one z for the whole batch); decoding then costs as much as the base.
   * factored: ((x @ A) * (c s z)) @ B with z of shape [B, R]: every row carries its own expert.
+
+This module is pure JAX on pytrees and knows nothing about checkpoints: the composition core above,
+the parametrization z = sigmoid(p) * max_mult with the official initialization (spec section 1.2),
+and expert mixing z' = sum_k alpha_k z_k (spec section 4.4). SVF parameters are dicts keyed by HF
+module name ("mlp.gate_proj") with one [L, R] vector per layer; `t2jax.svd` builds them from SVD
+factors and `t2jax.experts` stores them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -19,6 +26,15 @@ import jax.numpy as jnp
 
 Array = jax.Array
 Mode = Literal["merged", "factored"]
+SVFParams = dict[str, Array]  # module key -> [L, R] raw parameters (p, or z for "plain")
+ZVectors = dict[str, Array]  # module key -> [L, R] (one expert) or [L, B, R] (one per row)
+
+OFFICIAL_INIT_MEAN = 0.1  # p = 0.1 + 0.01 N(0, 1): `init_val` of the official config
+OFFICIAL_INIT_STD = 0.01
+
+
+class SVFError(ValueError):
+    """SVF vectors, modes or mixing coefficients that do not fit together."""
 
 
 @jax.tree_util.register_dataclass
@@ -61,7 +77,7 @@ def nuclear_rescale(s: Array, z: Array) -> Array:
 def compose(target: SVFTarget) -> Array:
     """Materializes W' = A diag(c s z) B in fp32 for a single expert z [R]; returns [in, out]."""
     if target.z.ndim != 1:
-        raise ValueError(f"merged SVF needs one expert z of shape [R], got {target.z.shape}")
+        raise SVFError(f"merged SVF needs one expert z of shape [R], got {target.z.shape}")
     scaled = target.s.astype(jnp.float32) * target.z.astype(jnp.float32)  # [R]
     scaled = scaled * nuclear_rescale(target.s, target.z)  # [R]
     a32 = target.a.astype(jnp.float32)  # [in, R]
@@ -74,10 +90,160 @@ def adapted_matmul(x: Array, target: SVFTarget, mode: Mode) -> Array:
         kernel = compose(target).astype(x.dtype)  # [in, out]
         return jnp.einsum("bti,io->bto", x, kernel)  # [B, T, out]
     if mode != "factored":
-        raise ValueError(f"unknown SVF mode {mode!r}; expected 'merged' or 'factored'")
+        raise SVFError(f"unknown SVF mode {mode!r}; expected 'merged' or 'factored'")
     gains = target.s.astype(jnp.float32) * target.z.astype(jnp.float32)  # [R] or [B, R]
     gains = gains * nuclear_rescale(target.s, target.z)[..., None]  # [R] or [B, R]
     gains = jnp.broadcast_to(gains, (x.shape[0], gains.shape[-1]))  # [B, R]
     low = jnp.einsum("bti,ir->btr", x, target.a.astype(x.dtype))  # [B, T, R]
     low = low * gains[:, None, :].astype(x.dtype)  # [B, T, R]
     return jnp.einsum("btr,ro->bto", low, target.b.astype(x.dtype))  # [B, T, out]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parametrization and initialization (spec section 1.2).
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametrization:
+    """How trainable parameters map to scales z.
+
+    Attributes:
+        kind: "sigmoid" (official: z = sigmoid(p) * max_mult) or "plain" (z is trained directly).
+        max_mult: the sigmoid's upper bound (official default 1).
+    """
+
+    kind: Literal["sigmoid", "plain"] = "sigmoid"
+    max_mult: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("sigmoid", "plain"):
+            raise SVFError(f"unknown SVF parametrization {self.kind!r}; use 'sigmoid' or 'plain'")
+        if not self.max_mult > 0:
+            raise SVFError(f"max_mult must be positive, got {self.max_mult}")
+
+
+OFFICIAL_PARAMETRIZATION = Parametrization("sigmoid", max_mult=1.0)
+
+
+def init_params(
+    key: Array,
+    shapes: Mapping[str, tuple[int, ...]],
+    parametrization: Parametrization = OFFICIAL_PARAMETRIZATION,
+    *,
+    std: float = OFFICIAL_INIT_STD,
+) -> SVFParams:
+    """Initial SVF parameters: p = 0.1 + std N(0, 1) (official), or z = 1 + std N(0, 1) (plain).
+
+    Any uniform z reproduces the base weights (the rescale cancels it), so both starts are the base
+    model up to the noise.
+
+    Args:
+        key: PRNG key.
+        shapes: module key -> [L, R] (see `t2jax.svd.svf_param_shapes`).
+        parametrization: sigmoid (official) or plain.
+        std: standard deviation of the noise.
+    """
+    mean = OFFICIAL_INIT_MEAN if parametrization.kind == "sigmoid" else 1.0
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: mean + std * jax.random.normal(subkey, shape, jnp.float32)  # [L, R]
+        for subkey, (name, shape) in zip(keys, sorted(shapes.items()), strict=True)
+    }
+
+
+def z_of(params: SVFParams, parametrization: Parametrization) -> ZVectors:
+    """Scales z (fp32) from raw parameters: sigmoid(p) * max_mult, or the parameters themselves."""
+    if parametrization.kind == "plain":
+        return {name: p.astype(jnp.float32) for name, p in params.items()}
+    return {
+        name: jax.nn.sigmoid(p.astype(jnp.float32)) * parametrization.max_mult  # [L, R]
+        for name, p in params.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Several experts at once: per-row batches and mixtures (spec section 4.4).
+
+
+def stack_experts(vectors: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
+    """Stacks K experts' {key: [L, R]} into {key: [K, L, R]}."""
+    _check_same_structure(vectors)
+    return {name: jnp.stack([v[name] for v in vectors]) for name in vectors[0]}  # [K, L, R]
+
+
+def per_row_experts(vectors: Sequence[Mapping[str, Array]]) -> ZVectors:
+    """One expert per batch row: K experts' {key: [L, R]} -> {key: [L, K, R]} for factored SVF."""
+    return {name: jnp.swapaxes(z, 0, 1) for name, z in stack_experts(vectors).items()}
+
+
+def mix(
+    vectors: Mapping[str, Array],
+    alpha: Array,
+    *,
+    normalize: bool = False,
+    order: Sequence[str] | None = None,
+) -> dict[str, Array]:
+    """Mixes K experts: v' = sum_k alpha_k v_k. Pure and jit-able (`order` must be static).
+
+    Args:
+        vectors: {key: [K, L, R]} (see `stack_experts`): the experts' z, or their raw p to mimic
+            the official CEM code, which mixes pre-sigmoid parameters.
+        alpha: [K] (one coefficient per expert) or [K, M] (one per expert and adapted matrix,
+            M = L * len(order), matrices ordered layer-major as in the official code: layer 0's
+            targets in `order`, then layer 1's, ...).
+        normalize: divide alpha by its sum over experts (per matrix for [K, M]).
+        order: the targets' matrix order within a layer; required for per-matrix alpha.
+
+    Returns:
+        {key: [L, R]} mixed vectors.
+
+    Raises:
+        SVFError: alpha's shape does not match the experts.
+    """
+    num_experts, num_layers = next(iter(vectors.values())).shape[:2]
+    alpha = jnp.asarray(alpha, jnp.float32)
+    if normalize:
+        alpha = alpha / jnp.sum(alpha, axis=0, keepdims=True)  # [K] or [K, M]
+    if alpha.shape == (num_experts,):
+        per_key = {
+            name: jnp.broadcast_to(alpha[:, None], (num_experts, num_layers)) for name in vectors
+        }
+    else:
+        per_key = _per_matrix_alpha(alpha, vectors, num_experts, num_layers, order)
+    return {
+        name: jnp.einsum("kl,klr->lr", per_key[name], v.astype(jnp.float32))  # [L, R]
+        for name, v in vectors.items()
+    }
+
+
+def _per_matrix_alpha(
+    alpha: Array,
+    vectors: Mapping[str, Array],
+    num_experts: int,
+    num_layers: int,
+    order: Sequence[str] | None,
+) -> dict[str, Array]:
+    """Splits a [K, L * T] alpha (layer-major) into {key: [K, L]}."""
+    if order is None or sorted(order) != sorted(vectors):
+        raise SVFError(f"per-matrix alpha needs the matrix order of {sorted(vectors)}, got {order}")
+    expected = (num_experts, num_layers * len(order))
+    if alpha.shape != expected:
+        raise SVFError(
+            f"alpha must have shape [K]={expected[:1]} or [K, matrices]={expected}, "
+            f"got {alpha.shape}"
+        )
+    by_layer = alpha.reshape(num_experts, num_layers, len(order))  # [K, L, T]
+    return {name: by_layer[:, :, index] for index, name in enumerate(order)}  # [K, L]
+
+
+def _check_same_structure(vectors: Sequence[Mapping[str, Array]]) -> None:
+    if not vectors:
+        raise SVFError("need at least one expert")
+    for v in vectors[1:]:
+        if set(v) != set(vectors[0]):
+            raise SVFError(f"experts adapt different matrices: {sorted(v)} vs {sorted(vectors[0])}")
+        for name in v:
+            if v[name].shape != vectors[0][name].shape:
+                raise SVFError(
+                    f"experts disagree on {name}: {v[name].shape} vs {vectors[0][name].shape}"
+                )

@@ -1,0 +1,86 @@
+"""Tiny random models for the SVF tests (numpy only: no torch, no checkpoint files)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import safetensors.numpy
+import tiny
+
+from t2jax import model as model_lib
+from t2jax import svd
+from t2jax.config import ModelConfig
+
+# Kernel ranks differ by target (q/o 32, k/v 16, MLP 32), so mixed-up targets show as shape errors.
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=10000.0,
+)
+
+
+def random_tensors(config: ModelConfig = CONFIG, seed: int = 0) -> dict[str, np.ndarray]:
+    """HF-named random tensors for `config` (norm weights near 1, kernels ~ N(0, 1/in))."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in model_lib.expected_hf_shapes(config).items():
+        if len(shape) == 1:
+            tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    return tensors
+
+
+def model(seed: int = 0, stacked: bool = False, config: ModelConfig = CONFIG):
+    """(tensors, weights, fingerprint) of a random model."""
+    tensors = random_tensors(config, seed)
+    weights = model_lib.weights_from_hf(config, tensors, stacked=stacked)
+    return tensors, weights, svd.fingerprint(config, tensors)
+
+
+def factors(tensors, fingerprint, targets=svd.TARGET_SETS["mlp"], stacked=False, **kwargs):
+    """In-memory SVD factors of `targets`."""
+    return svd.decompose(
+        CONFIG,
+        svd.kernels_from_tensors(tensors),
+        targets,
+        fingerprint=fingerprint,
+        stacked=stacked,
+        progress=False,
+        **kwargs,
+    )
+
+
+def hf_config(config: ModelConfig = CONFIG) -> dict:
+    """The HF `config.json` dict of `config`."""
+    return {
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+
+
+def save_hf_dir(directory: pathlib.Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Writes a loadable HF checkpoint directory of a random `CONFIG` model; returns its tensors."""
+    tensors = random_tensors(CONFIG, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config()))
+    safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
+    tiny.tiny_tokenizer().save_pretrained(directory)
+    return tensors

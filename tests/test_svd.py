@@ -1,0 +1,212 @@
+"""SVD factors: reconstruction, torch orientation, mesh equality, cache, fingerprints, counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import svf_tiny
+
+from t2jax import model as model_lib
+from t2jax import parallel, svd
+from t2jax.config import MeshConfig, ModelConfig
+
+ALL_TARGETS = svd.TARGET_SETS["all"]
+# Meta-Llama-3-8B-Instruct's config.json (shapes only; no weights needed).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tensors, _, fingerprint = svf_tiny.model(seed=0)
+    return tensors, fingerprint, svf_tiny.factors(tensors, fingerprint, ALL_TARGETS)
+
+
+def _uniform_z(factors, value):
+    shapes = svd.svf_param_shapes(svf_tiny.CONFIG, factors.targets)
+    return {key: jnp.full(shape, value) for key, shape in shapes.items()}
+
+
+def test_resolve_targets():
+    assert svd.resolve_targets("mlp") == ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert svd.resolve_targets("qv") == ("self_attn.q_proj", "self_attn.v_proj")
+    assert len(svd.resolve_targets("all")) == 7
+    assert svd.resolve_targets("mlp.down_proj,self_attn.q_proj") == (
+        "self_attn.q_proj",
+        "mlp.down_proj",
+    )
+    with pytest.raises(svd.SVDError, match="unknown SVF targets"):
+        svd.resolve_targets("mlp.gate")
+
+
+def test_hf_tensor_names_round_trip():
+    name = svd.hf_tensor_name(7, "mlp.up_proj")
+    assert name == "model.layers.7.mlp.up_proj.weight"
+    assert svd.parse_hf_tensor_name(name) == (7, "mlp.up_proj")
+    with pytest.raises(svd.SVDError):
+        svd.parse_hf_tensor_name("model.layers.7.input_layernorm.weight")
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "unstacked"])
+def test_uniform_z_reproduces_dropped_kernels(tiny, stacked):
+    tensors, fingerprint, _ = tiny
+    factors = svf_tiny.factors(tensors, fingerprint, ALL_TARGETS, stacked=stacked)
+    weights = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=stacked)
+    dropped = svd.drop_target_kernels(weights, ALL_TARGETS)
+    assert "mlp.up_proj" not in model_lib.layer_slice(dropped.layers, 0)
+
+    merged = svd.merge_into_weights(dropped, factors, _uniform_z(factors, 0.37))
+
+    for layer in range(svf_tiny.CONFIG.num_layers):
+        for key in ALL_TARGETS:
+            expected = tensors[svd.hf_tensor_name(layer, key)].T  # [in, out]
+            found = model_lib.layer_slice(merged.layers, layer)[key]
+            np.testing.assert_allclose(found, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_nonuniform_z_changes_kernels(tiny):
+    """Guards the test above: a non-uniform z must not reproduce W."""
+    tensors, _, factors = tiny
+    weights = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=False)
+    z = _uniform_z(factors, 1.0)
+    z["mlp.up_proj"] = z["mlp.up_proj"].at[:, 0].set(2.0)
+    merged = svd.merge_into_weights(weights, factors, z)
+    change = merged.layers[0]["mlp.up_proj"] - weights.layers[0]["mlp.up_proj"]
+    assert float(jnp.abs(change).max()) > 1e-2
+    assert (
+        float(jnp.abs(merged.layers[0]["mlp.gate_proj"] - weights.layers[0]["mlp.gate_proj"]).max())
+        < 1e-5
+    )
+
+
+def test_factors_are_descending_and_orthonormal(tiny):
+    _, _, factors = tiny
+    for key, factor in factors.layers[1].items():
+        assert np.all(np.diff(np.asarray(factor.s)) <= 0), key
+        a, b = np.asarray(factor.a), np.asarray(factor.b)
+        np.testing.assert_allclose(a.T @ a, np.eye(a.shape[1]), atol=1e-5)
+        np.testing.assert_allclose(b @ b.T, np.eye(b.shape[0]), atol=1e-5)
+
+
+@pytest.mark.torch
+def test_orientation_matches_torch_svd_of_hf_weight(tiny):
+    torch = pytest.importorskip("torch")
+    tensors, _, factors = tiny
+    for key in ALL_TARGETS:
+        hf_weight = torch.tensor(tensors[svd.hf_tensor_name(2, key)])  # [out, in]
+        u, s, vh = torch.linalg.svd(hf_weight, full_matrices=False)
+        factor = factors.layers[2][key]
+        np.testing.assert_allclose(factor.s, s.numpy(), rtol=1e-5, atol=1e-6)
+        # A = V and B = U^T up to the sign of each singular pair.
+        np.testing.assert_allclose(np.abs(factor.a), np.abs(vh.numpy().T), atol=1e-4)
+        np.testing.assert_allclose(np.abs(factor.b), np.abs(u.numpy().T), atol=1e-4)
+
+
+def test_decomposition_on_8_device_mesh_equals_single_device(tiny):
+    tensors, fingerprint, single = tiny
+    mesh = parallel.make_mesh(MeshConfig(shape=(2, 2, 2)))
+    assert mesh.devices.size == 8
+
+    def place(key, array):
+        return jax.device_put(array, parallel.weight_sharding(key, array.shape, mesh))
+
+    sharded = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=True, place=place)
+    assert not sharded.layers["mlp.up_proj"].sharding.is_fully_replicated
+    on_mesh = svd.decompose(
+        svf_tiny.CONFIG,
+        svd.kernels_from_weights(sharded),
+        ALL_TARGETS,
+        fingerprint=fingerprint,
+        stacked=True,
+        mesh=mesh,
+        progress=False,
+    )
+
+    assert on_mesh.layers["mlp.up_proj"].a.sharding.mesh == mesh
+    assert not on_mesh.layers["mlp.up_proj"].b.sharding.is_fully_replicated
+    for layer in range(svf_tiny.CONFIG.num_layers):
+        for key in ALL_TARGETS:
+            expected = single.layers[layer][key]
+            found = jax.tree.map(lambda x, layer=layer: np.asarray(x[layer]), on_mesh.layers[key])
+            for part in ("a", "s", "b"):
+                np.testing.assert_allclose(
+                    getattr(found, part), getattr(expected, part), atol=1e-5, err_msg=key
+                )
+
+
+def test_cache_round_trip_resume_and_fingerprint_check(tiny, tmp_path):
+    tensors, fingerprint, in_memory = tiny
+    reads = []
+
+    def counting_source(layer, key):
+        reads.append((layer, key))
+        return svd.kernels_from_tensors(tensors)(layer, key)
+
+    svd.decompose_to_cache(
+        svf_tiny.CONFIG, counting_source, "mlp", tmp_path, fingerprint=fingerprint, progress=False
+    )
+    assert len(reads) == 3 * svf_tiny.CONFIG.num_layers
+    assert (tmp_path / "model.layers.2.mlp.down_proj.weight").is_dir()
+
+    loaded = svd.load_factors(
+        tmp_path, svf_tiny.CONFIG, "mlp", fingerprint=fingerprint, stacked=False
+    )
+    expected = in_memory.select(svd.TARGET_SETS["mlp"])
+    jax.tree.map(np.testing.assert_array_equal, loaded.layers, expected.layers)
+
+    reads.clear()  # an interrupted run resumes: only missing kernels are decomposed
+    svd.decompose_to_cache(
+        svf_tiny.CONFIG, counting_source, "all", tmp_path, fingerprint=fingerprint, progress=False
+    )
+    assert len(reads) == 4 * svf_tiny.CONFIG.num_layers
+
+    with pytest.raises(svd.FingerprintError, match="another model"):
+        svd.load_factors(tmp_path, svf_tiny.CONFIG, "mlp", fingerprint="0123456789abcdef")
+    with pytest.raises(svd.FingerprintError):
+        svd.decompose_to_cache(
+            svf_tiny.CONFIG, counting_source, "mlp", tmp_path, fingerprint="0" * 16
+        )
+    with pytest.raises(svd.SVDError, match="no SVD factors"):
+        svd.load_factors(tmp_path / "empty", svf_tiny.CONFIG, "mlp", fingerprint=fingerprint)
+
+
+def test_fingerprint_identifies_the_model_not_its_dtype(tiny):
+    tensors, fingerprint, _ = tiny
+    for dtype, stacked in ((jnp.float32, True), (jnp.bfloat16, False)):
+        weights = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, dtype=dtype, stacked=stacked)
+        as_tensors = svd.weights_as_tensors(svf_tiny.CONFIG, weights)
+        assert svd.fingerprint(svf_tiny.CONFIG, as_tensors) == fingerprint
+    other = svf_tiny.random_tensors(seed=1)
+    assert svd.fingerprint(svf_tiny.CONFIG, other) != fingerprint
+
+
+def test_exact_parameter_counts_for_llama3_8b_from_shapes_only():
+    config = ModelConfig.from_hf(LLAMA3_8B)
+    assert svd.svf_param_count(config, svd.resolve_targets("mlp")) == 393_216
+    assert svd.svf_param_count(config, svd.resolve_targets("qv")) == 163_840
+    assert svd.lora_param_count(config, svd.resolve_targets("qv"), rank=16) == 6_815_744
+    assert svd.lora_param_count(config, svd.resolve_targets("qv,mlp"), rank=16) == 35_127_296
+
+
+def test_param_shapes_match_factor_ranks(tiny):
+    _, _, factors = tiny
+    shapes = svd.svf_param_shapes(svf_tiny.CONFIG, factors.targets)
+    assert {key: rank for key, (_, rank) in shapes.items()} == factors.ranks()
+    assert shapes["self_attn.v_proj"] == (3, 16)
