@@ -11,6 +11,7 @@ Test suites (`tests=`):
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -71,9 +72,9 @@ class CodeTask(Task):
     # -- data ----------------------------------------------------------------------------------
 
     def problems(self, data_dir: str | os.PathLike | None = None) -> list[Example]:
-        """Every problem in file order, with inputs deserialized into `raw`."""
-        path = data_file(self.data_path, data_dir)
-        return [self._example(record, path) for record in read_jsonl(path)]
+        """Every problem in file order, with inputs deserialized into `raw` (cached per file)."""
+        path = data_file(self.data_path, data_dir).resolve()
+        return list(_parsed_problems(type(self), path, path.stat().st_mtime_ns))
 
     def _example(self, record: dict, path: pathlib.Path) -> Example:
         raw = {
@@ -182,7 +183,7 @@ class CodeTask(Task):
                 for task_id, entry in stored.items()
             }
         path = pathlib.Path(source_file)
-        examples = [self._example(record, path) for record in read_jsonl(path)]
+        examples = _parsed_problems(type(self), path, path.stat().st_mtime_ns)
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             entries = pool.map(lambda example: self._run_canonical(example, suite), examples)
             computed = {example.id: entry for example, entry in zip(examples, entries, strict=True)}
@@ -220,6 +221,13 @@ class CodeTask(Task):
             ],
             "seconds": [outcome.seconds for outcome in result.calls],
         }
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_problems(task_class: type, path: pathlib.Path, mtime_ns: int) -> tuple[Example, ...]:
+    del mtime_ns  # cache key only
+    task = task_class.__new__(task_class)  # only the stateless parsing methods are used
+    return tuple(task._example(record, path) for record in read_jsonl(path))
 
 
 class _OutputChecker:

@@ -13,6 +13,7 @@ The directory is the `data_dir` argument, else the `T2JAX_DATA` environment vari
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -86,12 +87,23 @@ def data_file(
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads a JSON-lines file (gzip-compressed when the name ends in .gz), skipping blank lines."""
-    path = pathlib.Path(path)
+    """Reads a JSON-lines file (gzip-compressed when the name ends in .gz), skipping blank lines.
+
+    Parsed files are cached while unchanged (same size and mtime): the records are shared between
+    callers and must be treated as read-only.
+    """
+    path = pathlib.Path(path).resolve()
+    status = path.stat()
+    return list(_parse_jsonl(path, status.st_mtime_ns, status.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_jsonl(path: pathlib.Path, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    del mtime_ns, size  # cache key only
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         try:
-            return [json.loads(line) for line in handle if line.strip()]
+            return tuple(json.loads(line) for line in handle if line.strip())
         except json.JSONDecodeError as error:
             raise DataError(f"{path} is not valid JSON lines: {error}") from error
 

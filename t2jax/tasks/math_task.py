@@ -25,7 +25,8 @@ from t2jax.tasks.prompts import MATH_SYSTEM
 
 
 class MathTask(Task):
-    """MATH. Splits: test (5,000), math500 (the 500-problem PRM800K subset), all (= test).
+    """MATH. Splits: test (5,000), math500 (the 500-problem PRM800K subset, with the ids of the
+    same problems in test; its `unique_id` stays in `raw`), all (= test).
 
     Args:
         symbolic_equal: the sympy check; defaults to a shared sandboxed `SymbolicChecker`.
@@ -42,11 +43,14 @@ class MathTask(Task):
         self._symbolic_equal = symbolic_equal
 
     def _load(self, split: str, data_dir: str | os.PathLike | None) -> list[Example]:
+        test = read_jsonl(data_file("math/test.jsonl", data_dir))
+        id_of_problem = {record["problem"]: f"math/test/{record['idx']}" for record in test}
         if split == "math500":
+            # Every MATH-500 problem is in the full test set: ids are shared between the splits.
             records = read_jsonl(data_file("math/math500_test.jsonl", data_dir))
-            ids = [record["unique_id"] for record in records]
+            ids = [id_of_problem.get(r["problem"], r["unique_id"]) for r in records]
         else:
-            records = read_jsonl(data_file("math/test.jsonl", data_dir))
+            records = test
             ids = [f"math/test/{record['idx']}" for record in records]
         return [
             Example(
