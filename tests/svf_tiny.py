@@ -1,4 +1,4 @@
-"""Tiny random models for the SVF tests (numpy only: no torch, no checkpoint files)."""
+"""Tiny random models for the SVF tests (numpy only, no torch), and the Llama-3-8B config."""
 
 from __future__ import annotations
 
@@ -19,12 +19,33 @@ CONFIG = ModelConfig(
     vocab_size=64,
     hidden_size=32,
     intermediate_size=48,
-    num_layers=3,
+    num_layers=2,
     num_heads=4,
     num_kv_heads=2,
     head_dim=8,
     rope_theta=10000.0,
 )
+
+# Meta-Llama-3-8B-Instruct's config.json (shapes only; no weights needed).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
 
 
 def random_tensors(config: ModelConfig = CONFIG, seed: int = 0) -> dict[str, np.ndarray]:

@@ -11,26 +11,6 @@ from t2jax import parallel, svd
 from t2jax.config import MeshConfig, ModelConfig
 
 ALL_TARGETS = svd.TARGET_SETS["all"]
-# Meta-Llama-3-8B-Instruct's config.json (shapes only; no weights needed).
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "attention_bias": False,
-    "bos_token_id": 128000,
-    "eos_token_id": 128009,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 8192,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 128256,
-}
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +90,9 @@ def test_orientation_matches_torch_svd_of_hf_weight(tiny):
     torch = pytest.importorskip("torch")
     tensors, _, factors = tiny
     for key in ALL_TARGETS:
-        hf_weight = torch.tensor(tensors[svd.hf_tensor_name(2, key)])  # [out, in]
+        hf_weight = torch.tensor(tensors[svd.hf_tensor_name(1, key)])  # [out, in]
         u, s, vh = torch.linalg.svd(hf_weight, full_matrices=False)
-        factor = factors.layers[2][key]
+        factor = factors.layers[1][key]
         np.testing.assert_allclose(factor.s, s.numpy(), rtol=1e-5, atol=1e-6)
         # A = V and B = U^T up to the sign of each singular pair.
         np.testing.assert_allclose(np.abs(factor.a), np.abs(vh.numpy().T), atol=1e-4)
@@ -163,7 +143,7 @@ def test_cache_round_trip_resume_and_fingerprint_check(tiny, tmp_path):
         svf_tiny.CONFIG, counting_source, "mlp", tmp_path, fingerprint=fingerprint, progress=False
     )
     assert len(reads) == 3 * svf_tiny.CONFIG.num_layers
-    assert (tmp_path / "model.layers.2.mlp.down_proj.weight").is_dir()
+    assert (tmp_path / "model.layers.1.mlp.down_proj.weight").is_dir()
 
     loaded = svd.load_factors(
         tmp_path, svf_tiny.CONFIG, "mlp", fingerprint=fingerprint, stacked=False
@@ -198,7 +178,7 @@ def test_fingerprint_identifies_the_model_not_its_dtype(tiny):
 
 
 def test_exact_parameter_counts_for_llama3_8b_from_shapes_only():
-    config = ModelConfig.from_hf(LLAMA3_8B)
+    config = ModelConfig.from_hf(svf_tiny.LLAMA3_8B)
     assert svd.svf_param_count(config, svd.resolve_targets("mlp")) == 393_216
     assert svd.svf_param_count(config, svd.resolve_targets("qv")) == 163_840
     assert svd.lora_param_count(config, svd.resolve_targets("qv"), rank=16) == 6_815_744
@@ -209,4 +189,4 @@ def test_param_shapes_match_factor_ranks(tiny):
     _, _, factors = tiny
     shapes = svd.svf_param_shapes(svf_tiny.CONFIG, factors.targets)
     assert {key: rank for key, (_, rank) in shapes.items()} == factors.ranks()
-    assert shapes["self_attn.v_proj"] == (3, 16)
+    assert shapes["self_attn.v_proj"] == (2, 16)
