@@ -66,7 +66,8 @@ class CodeTask(Task):
         self.tests = tests
         self.workers = workers or default_workers()
         self.isolation = isolation
-        self._expected: dict[str, dict[str, Any]] = {}
+        self._expected: dict[tuple[str, str, str], dict[str, list]] = {}
+        self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._expected_lock = threading.Lock()
 
     # -- data ----------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ class CodeTask(Task):
             return Score(False, program, checker.failure)
         if result.exec_error is not None or not result.completed:
             return Score(False, program, result.reason)
-        return Score(True, program, f"passed {len(inputs)} {self.tests} tests")
+        return Score(True, program, f"passed all {len(inputs)} tests ({self.tests})")
 
     def _suite(self, example: Example) -> tuple[list[list[Any]], dict[str, list]]:
         base = self.expected_outputs(example, "base")
@@ -163,39 +164,33 @@ class CodeTask(Task):
     def expected_outputs(self, example: Example, suite: str) -> dict[str, list]:
         """The canonical solution's outputs and run times on the "base" or "plus" inputs.
 
-        Computed in the sandbox for every problem of the example's data file at once (in
-        parallel), then cached in memory and on disk, keyed by the file's sha256.
+        Computed in the sandbox on first use, then cached in memory and on disk (one file per
+        problem under `ground_truth_cache_dir()`, keyed by the data file's sha256).
         """
-        key = f"{example.raw['source_file']}:{suite}"
+        key = (example.raw["source_file"], suite, example.id)
         with self._expected_lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
             if key not in self._expected:
-                self._expected[key] = self._load_or_compute(example.raw["source_file"], suite)
-        return self._expected[key][example.id]
+                self._expected[key] = self._load_or_compute(example, suite)
+        return self._expected[key]
 
-    def _load_or_compute(self, source_file: str, suite: str) -> dict[str, dict[str, list]]:
-        digest = file_sha256(source_file)[:16]
-        name = f"{self.name}-{digest}-{suite}-v{_GROUND_TRUTH_FORMAT}.json"
-        cache = ground_truth_cache_dir() / name
+    def _load_or_compute(self, example: Example, suite: str) -> dict[str, list]:
+        source = pathlib.Path(example.raw["source_file"])
+        digest = _file_digest(source, source.stat().st_mtime_ns)
+        folder = f"{self.name}-{digest}-v{_GROUND_TRUTH_FORMAT}"
+        cache = ground_truth_cache_dir() / folder / suite / f"{example.id.replace('/', '_')}.json"
         if cache.is_file():
             stored = json.loads(cache.read_text())
-            return {
-                task_id: {"outputs": decode_value(entry["outputs"]), "seconds": entry["seconds"]}
-                for task_id, entry in stored.items()
-            }
-        path = pathlib.Path(source_file)
-        examples = _parsed_problems(type(self), path, path.stat().st_mtime_ns)
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            entries = pool.map(lambda example: self._run_canonical(example, suite), examples)
-            computed = {example.id: entry for example, entry in zip(examples, entries, strict=True)}
+            return {"outputs": decode_value(stored["outputs"]), "seconds": stored["seconds"]}
+        entry = self._run_canonical(example, suite)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        serialised = {
-            task_id: {"outputs": encode_value(entry["outputs"]), "seconds": entry["seconds"]}
-            for task_id, entry in computed.items()
-        }
-        temporary = cache.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps(serialised))
+        temporary = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+        temporary.write_text(
+            json.dumps({"outputs": encode_value(entry["outputs"]), "seconds": entry["seconds"]})
+        )
         temporary.replace(cache)
-        return computed
+        return entry
 
     def _run_canonical(self, example: Example, suite: str) -> dict[str, list]:
         inputs = example.raw[f"{suite}_input"]
@@ -221,6 +216,12 @@ class CodeTask(Task):
             ],
             "seconds": [outcome.seconds for outcome in result.calls],
         }
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: pathlib.Path, mtime_ns: int) -> str:
+    del mtime_ns  # cache key only
+    return file_sha256(path)[:16]
 
 
 @functools.lru_cache(maxsize=8)
