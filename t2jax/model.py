@@ -57,7 +57,7 @@ class KVCache:
     """Preallocated key/value cache. Rows are left-padded, so every row writes the same slot at a
     given step and one scalar `index` (the next slot to write) serves the whole batch."""
 
-    k: Array | tuple[Array, ...]  # [L, B, S, K, H] or L x [B, S, K, H]
+    k: Array | tuple[Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
     v: Array | tuple[Array, ...]  # same as k
     valid: Array  # [B, S] bool: slot holds a real (non-pad) token
     index: Array  # [] int32
@@ -244,16 +244,26 @@ def attention_mask(query_slots: Array, key_valid: Array, sliding_window: int | N
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S]."""
+    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S].
+
+    Query heads of a kv group are folded with the query positions into one matmul dimension
+    (M = G*T) so both matmuls are batched over (B, K) with contiguous operands: on XLA:CPU this is
+    ~4x faster than a [B, T, K, G, H] x [B, S, K, H] einsum at decode time.
+    """
     batch, length, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
-    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)  # [B, T, K, G, H]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)  # [B, K, G, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [B, T, K, G, H]
-    return out.reshape(batch, length, num_heads * head_dim)  # [B, T, N*H]
+    num_kv = k.shape[1]
+    groups = num_heads // num_kv
+    q = q.reshape(batch, length, num_kv, groups, head_dim)  # [B, T, K, G, H]
+    q = q.transpose(0, 2, 3, 1, 4).reshape(batch, num_kv, groups * length, head_dim)  # [B,K,M,H]
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)  # [B, K, M, S]
+    visible = jnp.broadcast_to(mask[:, None, None], (batch, 1, groups, length, mask.shape[-1]))
+    visible = visible.reshape(batch, 1, groups * length, mask.shape[-1])  # [B, 1, M, S]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)  # [B, K, M, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, M, S]
+    out = jnp.einsum("bkms,bksh->bkmh", probs, v)  # [B, K, M, H]
+    out = out.reshape(batch, num_kv, groups, length, head_dim)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads * head_dim)  # [B,T,N*H]
 
 
 def _project(x: Array, layer: LayerDict, name: str, svf_layer: svf_lib.LayerSVF | None) -> Array:
@@ -289,9 +299,11 @@ def _decoder_layer(
         k.reshape(batch, length, config.num_kv_heads, config.head_dim), positions, inv_freq
     )
     v = v.reshape(batch, length, config.num_kv_heads, config.head_dim)  # [B, T, K, H]
-    start = (0, write_index, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)  # [B, S, K, H]
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)  # [B, S, K, H]
+    start = (0, 0, write_index, 0)
+    k_new = k.transpose(0, 2, 1, 3).astype(k_cache.dtype)  # [B, K, T, H]
+    v_new = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # [B, K, T, H]
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)  # [B, K, S, H]
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)  # [B, K, S, H]
     attn = grouped_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
     x = x + _project(attn, layer, "self_attn.o_proj", svf_layer)  # [B, T, D]
     h = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)  # [B, T, D]
@@ -309,13 +321,13 @@ def init_cache(
     config: ModelConfig, batch: int, length: int, *, dtype: Any = jnp.float32, stacked: bool = True
 ) -> KVCache:
     """An empty cache of `length` slots, in the stacked or unstacked layout of the weights."""
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
     if stacked:
-        k = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, S, K, H]
-        v = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, S, K, H]
+        k = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, K, S, H]
+        v = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, K, S, H]
     else:
-        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # L x [B, S, K, H]
-        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # L x [B, S, K, H]
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # L x [B, K, S, H]
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # L x [B, K, S, H]
     valid = jnp.zeros((batch, length), bool)  # [B, S]
     return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
 

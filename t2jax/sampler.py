@@ -236,6 +236,7 @@ class Sampler:
         stop_strings: Sequence[str] = (),
         seed: int = 0,
         svf: ModelSVF | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
         """Generates a completion for each prompt (strings are encoded without special tokens).
 
@@ -247,6 +248,7 @@ class Sampler:
             stop_strings: generation of a row stops at the first of these; the text is cut before it.
             seed: PRNG seed for sampling.
             svf: SVF adaptation: merged (one expert) or factored (z per row, [L, B, R] leaves).
+            ignore_eos: keep generating past end ids (benchmarks).
 
         Returns:
             The decoded texts, generated ids (without the end id) and finish reasons.
@@ -265,6 +267,7 @@ class Sampler:
         key = jax.random.key(seed)
         temperature_array = jnp.asarray(temperature, jnp.float32)
         top_p_array = jnp.asarray(top_p, jnp.float32)
+        eos_ids = jnp.asarray([-1], jnp.int32) if ignore_eos else self.eos_ids
         state = prefill(
             self.config,
             self.weights,
@@ -274,7 +277,7 @@ class Sampler:
             key,
             temperature_array,
             top_p_array,
-            self.eos_ids,
+            eos_ids,
             out_length=new_tokens_bucket(max_new_tokens),
         )
         chunk = STOP_CHECK_CHUNK if stop_strings else max_new_tokens
