@@ -1,8 +1,8 @@
 """Static, hashable configuration dataclasses.
 
-Configs are frozen dataclasses: they are passed to `jax.jit` as static arguments (or closed over), so
-every field must be hashable. Only arrays cross `jit` boundaries as traced values; changing a config
-field recompiles, changing an array value never does.
+Configs are frozen dataclasses: they are passed to `jax.jit` as static arguments (or closed
+over), so every field must be hashable. Only arrays cross `jit` boundaries as traced values:
+changing a config field recompiles, changing an array value never does.
 """
 
 from __future__ import annotations

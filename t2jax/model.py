@@ -64,7 +64,7 @@ class KVCache:
 
 
 def is_stacked(layers: Layers) -> bool:
-    """Whether `layers` is one dict of [L, ...] arrays (as opposed to a tuple of per-layer dicts)."""
+    """Whether `layers` is one dict of [L, ...] arrays (rather than a tuple of per-layer dicts)."""
     return not isinstance(layers, tuple)
 
 
@@ -91,7 +91,7 @@ def layer_slice(tree: Any, index: int) -> Any:
 
 
 def default_layout_is_stacked() -> bool:
-    """Stacked layers (scan) on accelerators; unstacked (unrolled) on CPU, where it decodes 2x faster."""
+    """Stacked layers (scan) on accelerators; unstacked (unrolled) on CPU, faster there."""
     return jax.default_backend() != "cpu"
 
 

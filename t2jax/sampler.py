@@ -245,7 +245,7 @@ class Sampler:
             max_new_tokens: upper bound on generated tokens per row.
             temperature: 0 for greedy decoding.
             top_p: nucleus sampling mass (1.0 disables it).
-            stop_strings: generation of a row stops at the first of these; the text is cut before it.
+            stop_strings: a row stops at the first of these; its text is cut before it.
             seed: PRNG seed for sampling.
             svf: SVF adaptation: merged (one expert) or factored (z per row, [L, B, R] leaves).
             ignore_eos: keep generating past end ids (benchmarks).
