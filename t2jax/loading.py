@@ -79,6 +79,7 @@ def load_model(
         stacked=stacked,
         skip=skip,
         place=place,
+        progress=progress,
     )
     return LoadedModel(
         config=checkpoint.config,

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig, RopeScaling
@@ -145,6 +146,7 @@ def weights_from_hf(
     stacked: bool | None = None,
     skip: Callable[[str], bool] = lambda name: False,
     place: Callable[[str, np.ndarray], Array] | None = None,
+    progress: bool = False,
 ) -> Weights:
     """Builds `Weights` from HF-named tensors in HF [out, in] orientation.
 
@@ -156,6 +158,7 @@ def weights_from_hf(
         skip: predicate on our per-layer keys ("mlp.gate_proj") whose dense kernels to drop, e.g.
             once SVD factors replace them.
         place: optional `(key, host_array) -> device array` used to shard leaves as they load.
+        progress: show a progress bar over layers.
 
     Raises:
         KeyError: a tensor the config requires is missing.
@@ -176,7 +179,8 @@ def weights_from_hf(
             if not skip(key)
         }
 
-    per_layer = [layer(i) for i in range(config.num_layers)]
+    indices = tqdm.trange(config.num_layers, desc="loading layers", disable=not progress)
+    per_layer = [layer(i) for i in indices]
     if stacked:
         layers = {key: place(key, np.stack([lw[key] for lw in per_layer])) for key in per_layer[0]}
     else:

@@ -1,0 +1,134 @@
+"""The `t2jax` command line.
+
+t2jax generate --model smollm2-135m-instruct --chat --prompt "What is 7 * 8?"
+t2jax decompose --model smollm2-135m-instruct
+t2jax expert info math.safetensors
+t2jax params --model smollm2-135m-instruct --targets mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from t2jax import svf_cli
+from t2jax.config import MeshConfig
+
+
+def _mesh_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"mesh shape must look like '-1,1,1', got {text!r}"
+        ) from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds --model, --dtype and --mesh (shared by every command that loads a model)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="registry name (e.g. smollm2-135m-instruct), .gguf file, HF directory or hub id",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="parameter dtype (default: float32 on CPU, bfloat16 on accelerators)",
+    )
+    parser.add_argument(
+        "--mesh",
+        type=_mesh_shape,
+        default=MeshConfig().shape,
+        help="mesh shape over axes data,fsdp,tensor; -1 takes the remaining devices",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """Loads the model named by `add_model_arguments` options, with a progress bar."""
+    import jax.numpy as jnp
+
+    from t2jax.loading import load_model
+
+    dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+    return load_model(args.model, dtype=dtype, mesh_config=MeshConfig(shape=args.mesh))
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text with a model")
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON record per prompt")
+    parser.set_defaults(func=_run_generate)
+
+
+def render_chat(tokenizer, user: str, system: str | None = None) -> str:
+    """The user (and optional system) message rendered with the model's chat template."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise SystemExit("--max-new-tokens must be at least 1")
+    loaded = load_model_from_args(args)
+    prompts = args.prompt
+    if args.chat:
+        prompts = [render_chat(loaded.tokenizer, prompt, args.system) for prompt in prompts]
+    generation = loaded.sampler().generate(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_strings=args.stop,
+        seed=args.seed,
+    )
+    for prompt, text, reason, ids in zip(
+        args.prompt, generation.texts, generation.finish_reasons, generation.token_ids, strict=True
+    ):
+        if args.json:
+            record = {"prompt": prompt, "output": text, "finish_reason": reason, "tokens": len(ids)}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="t2jax", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    svf_cli.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `t2jax` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"t2jax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
