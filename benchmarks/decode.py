@@ -1,0 +1,136 @@
+"""Greedy decoding throughput: t2jax vs transformers' PyTorch `generate`, same prompts, same run.
+
+    python benchmarks/decode.py [--model smollm2-135m-instruct] [--batch-sizes 1,8,32]
+
+Generates `--new-tokens` tokens per row (end ids ignored, so every row decodes the full length)
+for each batch size and prints tokens/s end to end (prefill included, compilation excluded: each
+t2jax configuration is run once to warm up). transformers runs in fp32 and bf16 on the same
+weights (its own GGUF loader). Needs the test extra (torch, accelerate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import jax
+
+from t2jax.checkpoints.registry import REGISTRY, fetch_model
+from t2jax.loading import load_model
+
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. "
+    "How many clips did she sell altogether?",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Which gas do plants absorb from the atmosphere?",
+    "What is the sum of the first ten odd numbers?",
+]
+
+
+def chat_prompts(tokenizer, batch_size: int) -> list[str]:
+    """`batch_size` chat-formatted prompts cycling through QUESTIONS."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for i in range(batch_size)
+    ]
+
+
+def time_t2jax(sampler, prompts: list[str], new_tokens: int) -> float:
+    """Tokens/s of t2jax greedy generation (after one warm-up call that compiles)."""
+    sampler.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    generation = sampler.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    elapsed = time.perf_counter() - start
+    assert all(length == new_tokens for length in generation.lengths)
+    return len(prompts) * new_tokens / elapsed
+
+
+def load_torch_model(name: str, dtype):
+    """transformers' own loading of the registry model's GGUF file."""
+    import transformers
+
+    path = fetch_model(name, progress=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype
+    )
+    return model.eval()
+
+
+def time_transformers(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
+    """Tokens/s of transformers' greedy `generate` with left padding (one warm-up call)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        model.generate(**batch, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+        start = time.perf_counter()
+        output = model.generate(**batch, **kwargs)
+        elapsed = time.perf_counter() - start
+    assert output.shape[1] - batch["input_ids"].shape[1] == new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(REGISTRY))
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+
+    loaded = load_model(args.model)
+    sampler = loaded.sampler()
+    rows = {
+        size: {"t2jax": time_t2jax(sampler, chat_prompts(loaded.tokenizer, size), args.new_tokens)}
+        for size in batch_sizes
+    }
+    if not args.skip_transformers:
+        import torch
+
+        for label, dtype in (
+            ("transformers fp32", torch.float32),
+            ("transformers bf16", torch.bfloat16),
+        ):
+            model = load_torch_model(args.model, dtype)
+            for size in batch_sizes:
+                prompts = chat_prompts(loaded.tokenizer, size)
+                rows[size][label] = time_transformers(
+                    model, loaded.tokenizer, prompts, args.new_tokens
+                )
+            del model
+
+    device = jax.devices()[0]
+    print(f"\n{args.model}, greedy, {args.new_tokens} new tokens, tokens/s (higher is better)")
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {len(jax.devices())} x {device.device_kind}")
+    columns = list(next(iter(rows.values())))
+    print(
+        "| batch | "
+        + " | ".join(columns)
+        + " | t2jax / transformers fp32 | t2jax / transformers bf16 |"
+    )
+    print("|---|" + "---|" * (len(columns) + 2))
+    for size, row in rows.items():
+        ratios = [
+            f"{row['t2jax'] / row[label]:.2f}x" if label in row else "n/a"
+            for label in ("transformers fp32", "transformers bf16")
+        ]
+        cells = [f"{row[column]:.1f}" for column in columns]
+        print(f"| {size} | " + " | ".join(cells + ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()
