@@ -13,10 +13,9 @@ Generation settings are on the task: `max_new_tokens`, `max_model_len`, `stop_st
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from t2jax.tasks.arc import ArcTask
+from t2jax.tasks.arc import ArcChallengeTask, ArcEasyTask
 from t2jax.tasks.base import OFFICIAL_STOP_STRINGS, Example, Score, Task, reward_of
 from t2jax.tasks.cls import CATEGORIES, ClsTask, parse_category
 from t2jax.tasks.code_tasks import HumanEvalTask, MbppPlusTask
@@ -42,12 +41,12 @@ __all__ = [
     "seeded_shuffle_split",
 ]
 
-_FACTORIES: dict[str, Callable[..., Task]] = {
+_FACTORIES: dict[str, type[Task]] = {
     "gsm8k": GSM8KTask,
     "mbpp": MbppPlusTask,
     "humaneval": HumanEvalTask,
-    "arc_easy": lambda **options: ArcTask("Easy", **options),
-    "arc_challenge": lambda **options: ArcTask("Challenge", **options),
+    "arc_easy": ArcEasyTask,
+    "arc_challenge": ArcChallengeTask,
     "math": MathTask,
     "cls": ClsTask,
 }

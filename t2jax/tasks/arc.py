@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from typing import ClassVar
 
 from t2jax.tasks.base import TEMPLATE_COT, Example, Score, Task
 from t2jax.tasks.data import data_file, even_odd_indices, read_jsonl
@@ -61,26 +62,21 @@ def gold_letter(record: dict, map_numeric_labels: bool) -> str:
 
 
 class ArcTask(Task):
-    """ARC (Easy or Challenge). Splits: train/valid (even/odd indices of the official train file,
-    the official RL split), dev (the official validation file), test, all (train, dev, test files).
+    """ARC. Splits: train/valid (even/odd indices of the official train file, the official RL
+    split), dev (the official validation file), test, all (train, dev, test files).
 
     Args:
-        subset: "Easy" or "Challenge".
         map_numeric_labels: map "1"-"4" answer keys to letters (default) or keep the official
             behaviour that scores those items wrong whatever the model says.
     """
 
+    subset: ClassVar[str]  # "Easy" or "Challenge": the file names' middle part
     splits = ("train", "valid", "dev", "test", "all")
     system_message = ARC_SYSTEM
     template = TEMPLATE_COT
 
-    def __init__(self, subset: str, map_numeric_labels: bool = True):
-        if subset not in ("Easy", "Challenge"):
-            raise ValueError(f"ARC subset must be 'Easy' or 'Challenge', got {subset!r}")
-        self.subset = subset
+    def __init__(self, map_numeric_labels: bool = True):
         self.map_numeric_labels = map_numeric_labels
-        self.name = f"arc_{subset.lower()}"
-        self.transfer_task = "arc_challenge" if subset == "Easy" else None
 
     def _load(self, split: str, data_dir: str | os.PathLike | None) -> list[Example]:
         if split == "all":
@@ -119,3 +115,18 @@ class ArcTask(Task):
         guess = seeded_guess(len(example.raw["question"]["choices"]))
         correct = guess == example.answer
         return Score(correct, None, f"no letter found; seeded guess {guess}, gold {example.answer}")
+
+
+class ArcEasyTask(ArcTask):
+    """ARC-Easy (2,251 / 570 / 2,376); the official code reports ARC-Challenge as its transfer."""
+
+    name = "arc_easy"
+    subset = "Easy"
+    transfer_task = "arc_challenge"
+
+
+class ArcChallengeTask(ArcTask):
+    """ARC-Challenge (1,119 / 299 / 1,172)."""
+
+    name = "arc_challenge"
+    subset = "Challenge"

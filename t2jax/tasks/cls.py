@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 
-from t2jax.tasks.arc import ArcTask
+from t2jax.tasks.arc import ArcChallengeTask
 from t2jax.tasks.base import TEMPLATE_PLAIN, Example, Score, Task
 from t2jax.tasks.code_tasks import MbppPlusTask
 from t2jax.tasks.data import even_odd_indices
@@ -89,7 +89,7 @@ class ClsTask(Task):
         return [pool[i] for i in (train_indices if split == "train" else valid_indices)]
 
     def _samples(self, data_dir: str | os.PathLike | None) -> list[Example]:
-        arc = ArcTask("Challenge")
+        arc = ArcChallengeTask()
         if self.recipe == "official":
             count = OFFICIAL_PER_SOURCE
             sources = (

@@ -10,6 +10,7 @@ Test suites (`tests=`):
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import functools
 import json
@@ -96,17 +97,17 @@ class CodeTask(Task):
 
     # -- prompts and programs --------------------------------------------------------------
 
+    @abc.abstractmethod
     def instruction(self, prompt: str) -> str:
         """The user turn built from the problem's prompt."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def program(self, example: Example, completion: str) -> str:
         """The program the official pipeline executes for a completion."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def original_test_program(self, example: Example, program: str) -> str:
         """`program` followed by the problem's original asserts."""
-        raise NotImplementedError
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -227,8 +228,8 @@ def _file_digest(path: pathlib.Path, mtime_ns: int) -> str:
 @functools.lru_cache(maxsize=8)
 def _parsed_problems(task_class: type, path: pathlib.Path, mtime_ns: int) -> tuple[Example, ...]:
     del mtime_ns  # cache key only
-    task = task_class.__new__(task_class)  # only the stateless parsing methods are used
-    return tuple(task._example(record, path) for record in read_jsonl(path))
+    parser = task_class()  # parsing depends on the class only, not on the task's options
+    return tuple(parser._example(record, path) for record in read_jsonl(path))
 
 
 class _OutputChecker:

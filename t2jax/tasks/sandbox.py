@@ -153,10 +153,12 @@ class SandboxResult:
             return f"program raised {self.exec_error}"
         if self.completed:
             return "completed"
+        if self.stopped_early:
+            return "stopped by the caller"
         if self.returncode is not None and self.returncode < 0:
             name = signal.Signals(-self.returncode).name
-            detail = " (CPU time limit)" if name in ("SIGXCPU", "SIGKILL") else ""
-            return f"killed by {name}{detail}"
+            detail = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (CPU or memory limit)"}
+            return f"killed by {name}{detail.get(name, '')}"
         tail = self.stderr.strip().splitlines()[-1:] or ["no output"]
         return f"exited with status {self.returncode} before finishing: {tail[0][:200]}"
 
