@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -56,7 +56,10 @@ class Weights:
 @dataclasses.dataclass
 class KVCache:
     """Preallocated key/value cache. Rows are left-padded, so every row writes the same slot at a
-    given step and one scalar `index` (the next slot to write) serves the whole batch."""
+    given step and one scalar `index` (the next slot to write) serves the whole batch.
+
+    Its layer layout follows the weights: stacked [L, ...] arrays (scan) or per-layer tuples.
+    """
 
     k: Array | tuple[Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
     v: Array | tuple[Array, ...]  # same as k
@@ -236,38 +239,71 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out  # [B, T, heads, H]
 
 
-def attention_mask(query_slots: Array, key_valid: Array, sliding_window: int | None) -> Array:
-    """Boolean [B, T, S]: key slot s is visible from query slot t if it holds a real token, is not
-    in the future, and (Mistral) lies inside the sliding window. Left padding keeps real tokens in
-    consecutive slots, so slot distance equals position distance."""
-    key_slots = jnp.arange(key_valid.shape[1])  # [S]
-    visible = key_slots[None, None, :] <= query_slots[None, :, None]  # [1, T, S]
+def cache_mask(
+    write_index: Array, length: int, cache_valid: Array, sliding_window: int | None
+) -> Array:
+    """Boolean [B, T, S]: which cache slots (all written before this call, so never in the
+    future) the T new tokens see: real tokens only, and (Mistral) inside the sliding window. Left
+    padding keeps real tokens in consecutive slots, so slot distance equals position distance."""
+    query_slots = write_index + jnp.arange(length)  # [T]
+    key_slots = jnp.arange(cache_valid.shape[1])  # [S]
+    visible = cache_valid[:, None, :]  # [B, 1, S]
     if sliding_window is not None:
-        visible &= query_slots[None, :, None] - key_slots[None, None, :] < sliding_window
-    return visible & key_valid[:, None, :]  # [B, T, S]
+        visible = visible & (query_slots[:, None] - key_slots[None, :] < sliding_window)
+    return jnp.broadcast_to(visible, (cache_valid.shape[0], length, cache_valid.shape[1]))
 
 
-def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S].
+def causal_mask(token_mask: Array, sliding_window: int | None) -> Array:
+    """Boolean [B, T, T]: causal attention among the new tokens, real keys only, windowed."""
+    length = token_mask.shape[1]
+    offsets = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]  # [T, T] query - key
+    visible = offsets >= 0  # [T, T]
+    if sliding_window is not None:
+        visible &= offsets < sliding_window
+    return visible[None] & token_mask[:, None, :]  # [B, T, T]
 
-    Query heads of a kv group are folded with the query positions into one matmul dimension
-    (M = G*T) so both matmuls are batched over (B, K) with contiguous operands: on XLA:CPU this is
-    ~4x faster than a [B, T, K, G, H] x [B, S, K, H] einsum at decode time.
+
+def grouped_attention(q: Array, blocks: Sequence[tuple[Array, Array, Array]]) -> Array:
+    """Grouped-query attention over several key/value blocks with one joint softmax.
+
+    Args:
+        q: [B, T, N, H] queries.
+        blocks: (k [B, K, S_i, H], v [B, K, S_i, H], mask [B, T, S_i]) per block, e.g. the cache
+            as it was before this call and the new tokens. Attending to them as separate blocks
+            (instead of writing the new tokens into the cache first and reading it back) lets XLA
+            update the cache in place without copying it every decode step.
+
+    Returns:
+        [B, T, N*H]. Query heads of a kv group are folded with the query positions into one
+        matmul dimension (M = G*T), so the matmuls are batched over (B, K) with contiguous
+        operands (~4x faster on XLA:CPU than a [B, T, K, G, H] x [B, S, K, H] einsum).
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv = k.shape[1]
+    num_kv = blocks[0][0].shape[1]
     groups = num_heads // num_kv
     q = q.reshape(batch, length, num_kv, groups, head_dim)  # [B, T, K, G, H]
     q = q.transpose(0, 2, 3, 1, 4).reshape(batch, num_kv, groups * length, head_dim)  # [B,K,M,H]
-    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)  # [B, K, M, S]
-    visible = jnp.broadcast_to(mask[:, None, None], (batch, 1, groups, length, mask.shape[-1]))
-    visible = visible.reshape(batch, 1, groups * length, mask.shape[-1])  # [B, 1, M, S]
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)  # [B, K, M, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, M, S]
-    out = jnp.einsum("bkms,bksh->bkmh", probs, v)  # [B, K, M, H]
+    scores = [_block_scores(q, k, mask, groups) for k, _, mask in blocks]  # [B, K, M, S_i] each
+    peak = jnp.max(jnp.stack([jnp.max(s, axis=-1) for s in scores]), axis=0)  # [B, K, M]
+    weights = [jnp.exp(s - peak[..., None]) for s in scores]  # [B, K, M, S_i] each
+    total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, K, M]
+    out = sum(
+        jnp.einsum("bkms,bksh->bkmh", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        for w, (_, v, _) in zip(weights, blocks, strict=True)
+    )  # [B, K, M, H]
+    out = (out / total[..., None]).astype(q.dtype)  # [B, K, M, H]
     out = out.reshape(batch, num_kv, groups, length, head_dim)  # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads * head_dim)  # [B,T,N*H]
+
+
+def _block_scores(q: Array, k: Array, mask: Array, groups: int) -> Array:
+    """Masked scaled scores [B, K, M, S] of folded queries q [B, K, M, H] against k [B, K, S, H]."""
+    batch, length, keys = mask.shape
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])  # [B, K, M, S]
+    visible = jnp.broadcast_to(mask[:, None, None], (batch, 1, groups, length, keys))
+    visible = visible.reshape(batch, 1, groups * length, keys)  # [B, 1, M, S]
+    return jnp.where(visible, scores, jnp.finfo(jnp.float32).min)  # [B, K, M, S]
 
 
 def _project(x: Array, layer: LayerDict, name: str, svf_layer: svf_lib.LayerSVF | None) -> Array:
@@ -285,15 +321,16 @@ def _decoder_layer(
     x: Array,
     layer: LayerDict,
     svf_layer: svf_lib.LayerSVF | None,
-    k_cache: Array,
-    v_cache: Array,
+    layer_cache: tuple[Array, Array] | None,
     positions: Array,
-    mask: Array,
+    masks: tuple[Array, Array | None],
     write_index: Array,
     inv_freq: Array,
-) -> tuple[Array, Array, Array]:
-    """One pre-norm decoder block; returns the new residual stream and this layer's cache."""
+) -> tuple[Array, tuple[Array, Array] | None]:
+    """One pre-norm decoder block; returns the new residual stream and this layer's updated
+    (k, v) cache [B, K, S, H] (None without a cache)."""
     batch, length, _ = x.shape
+    new_mask, cached_mask = masks
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)  # [B, T, D]
     q = _project(h, layer, "self_attn.q_proj", svf_layer)  # [B, T, N*H]
     k = _project(h, layer, "self_attn.k_proj", svf_layer)  # [B, T, K*H]
@@ -302,19 +339,24 @@ def _decoder_layer(
     k = apply_rope(
         k.reshape(batch, length, config.num_kv_heads, config.head_dim), positions, inv_freq
     )
-    v = v.reshape(batch, length, config.num_kv_heads, config.head_dim)  # [B, T, K, H]
-    start = (0, 0, write_index, 0)
-    k_new = k.transpose(0, 2, 1, 3).astype(k_cache.dtype)  # [B, K, T, H]
-    v_new = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # [B, K, T, H]
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)  # [B, K, S, H]
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)  # [B, K, S, H]
-    attn = grouped_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+    k = k.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    v = v.reshape(batch, length, config.num_kv_heads, config.head_dim).transpose(0, 2, 1, 3)
+    blocks = [(k, v, new_mask)]  # the new tokens among themselves
+    if layer_cache is not None:
+        k_cache, v_cache = layer_cache  # [B, K, S, H] each, as before this call
+        blocks.insert(0, (k_cache.astype(q.dtype), v_cache.astype(q.dtype), cached_mask))
+        start = (0, 0, write_index, 0)
+        layer_cache = (
+            jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),  # [B,K,S,H]
+            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start),  # [B,K,S,H]
+        )
+    attn = grouped_attention(q, blocks)  # [B, T, N*H]
     x = x + _project(attn, layer, "self_attn.o_proj", svf_layer)  # [B, T, D]
     h = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)  # [B, T, D]
     gate = _project(h, layer, "mlp.gate_proj", svf_layer)  # [B, T, F]
     up = _project(h, layer, "mlp.up_proj", svf_layer)  # [B, T, F]
     x = x + _project(jax.nn.silu(gate) * up, layer, "mlp.down_proj", svf_layer)  # [B, T, D]
-    return x, k_cache, v_cache
+    return x, layer_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +366,7 @@ def _decoder_layer(
 def init_cache(
     config: ModelConfig, batch: int, length: int, *, dtype: Any = jnp.float32, stacked: bool = True
 ) -> KVCache:
-    """An empty cache of `length` slots, in the stacked or unstacked layout of the weights."""
+    """An empty cache of `length` slots per row, in the layer layout of the weights."""
     shape = (batch, config.num_kv_heads, length, config.head_dim)
     if stacked:
         k = jnp.zeros((config.num_layers, *shape), dtype)  # [L, B, K, S, H]
@@ -344,7 +386,7 @@ def forward(
     token_mask: Array,
     cache: KVCache | None = None,
     svf: svf_lib.ModelSVF | None = None,
-) -> tuple[Array, KVCache]:
+) -> tuple[Array, KVCache | None]:
     """Runs the decoder and returns final-norm hidden states and the updated cache.
 
     Args:
@@ -353,65 +395,64 @@ def forward(
         tokens: [B, T] int token ids (pad ids are arbitrary: masked out).
         positions: [B, T] RoPE positions (count of real tokens before each token).
         token_mask: [B, T] bool, True for real tokens.
-        cache: KV cache to append to; None runs a cache-free pass over just these tokens.
+        cache: KV cache (in the weights' layer layout) to attend to and append to at
+            `cache.index`; None for a cache-free pass over just these tokens (training, scoring).
         svf: SVF adaptation (merged or factored) of some kernels, or None for the base model.
 
     Returns:
         hidden: [B, T, D] hidden states after the final norm (feed to `logits`).
-        cache: the cache with these tokens written at `cache.index` and the index advanced.
+        cache: the cache with these tokens written and the index advanced (None without one).
     """
-    if cache is None:
-        cache = init_cache(
-            config, *tokens.shape, dtype=weights.embed.dtype, stacked=is_stacked(weights.layers)
-        )
     length = tokens.shape[1]
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, T, D]
-    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))  # [B, S]
-    query_slots = cache.index + jnp.arange(length)  # [T]
-    mask = attention_mask(query_slots, valid, config.sliding_window)  # [B, T, S]
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    new_mask = causal_mask(token_mask, config.sliding_window)  # [B, T, T]
+    cached_mask = None
+    if cache is not None:
+        cached_mask = cache_mask(cache.index, length, cache.valid, config.sliding_window)
+    write_index = None if cache is None else cache.index
 
     def step(x, layer_inputs):
-        layer, svf_layer, k_cache, v_cache = layer_inputs
-        return _split_carry(
-            _decoder_layer(
-                config,
-                x,
-                layer,
-                svf_layer,
-                k_cache,
-                v_cache,
-                positions,
-                mask,
-                cache.index,
-                inv_freq,
-            )
+        layer, svf_layer, layer_cache = layer_inputs
+        return _decoder_layer(
+            config,
+            x,
+            layer,
+            svf_layer,
+            layer_cache,
+            positions,
+            (new_mask, cached_mask),
+            write_index,
+            inv_freq,
         )
 
     svf_layers = None if svf is None else svf.layers
+    caches = None if cache is None else (cache.k, cache.v)
     if is_stacked(weights.layers):
-        x, (k, v) = jax.lax.scan(step, x, (weights.layers, svf_layers, cache.k, cache.v))
+        x, caches = jax.lax.scan(step, x, (weights.layers, svf_layers, caches))
     else:
-        new_k, new_v = [], []
+        new_caches = []
         for i, layer in enumerate(weights.layers):
             svf_layer = None if svf is None else layer_slice(svf_layers, i)
-            x, (k_i, v_i) = step(x, (layer, svf_layer, cache.k[i], cache.v[i]))
-            new_k.append(k_i)
-            new_v.append(v_i)
-        k, v = tuple(new_k), tuple(new_v)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_cache = step(x, (layer, svf_layer, layer_cache))
+            new_caches.append(layer_cache)
+        if cache is not None:
+            caches = tuple(c[0] for c in new_caches), tuple(c[1] for c in new_caches)
     hidden = rms_norm(x, weights.final_norm, config.rms_norm_eps)  # [B, T, D]
-    return hidden, KVCache(k=k, v=v, valid=valid, index=cache.index + length)
-
-
-def _split_carry(outputs: tuple[Array, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-    x, k, v = outputs
-    return x, (k, v)
+    if cache is None:
+        return hidden, None
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))  # [B, S]
+    return hidden, KVCache(k=caches[0], v=caches[1], valid=valid, index=cache.index + length)
 
 
 def logits(weights: Weights, hidden: Array) -> Array:
     """Vocabulary logits [..., V] in fp32 from hidden states [..., D]."""
-    head = weights.embed.T if weights.lm_head is None else weights.lm_head  # [D, V]
-    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+    if weights.lm_head is None:  # tied: contract with the [V, D] embedding, no transposed copy
+        return jnp.einsum(
+            "...d,vd->...v", hidden, weights.embed, preferred_element_type=jnp.float32
+        )
+    return jnp.einsum("...d,dv->...v", hidden, weights.lm_head, preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(token_mask: Array) -> Array:

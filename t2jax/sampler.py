@@ -106,28 +106,23 @@ def _nucleus_filter(logits: Array, top_p: Array) -> Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)  # [B, V]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_length"))
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def prefill(
     config: ModelConfig,
     weights: model_lib.Weights,
     svf: ModelSVF | None,
     tokens: Array,
     token_mask: Array,
+    cache: model_lib.KVCache,
     key: Array,
     temperature: Array,
     top_p: Array,
     eos_ids: Array,
-    out_length: int,
 ) -> DecodeState:
-    """Runs the prompts [B, P] through the model and samples the first new token."""
-    batch, prompt_length = tokens.shape
-    cache = model_lib.init_cache(
-        config,
-        batch,
-        prompt_length + out_length,
-        dtype=weights.embed.dtype,
-        stacked=model_lib.is_stacked(weights.layers),
-    )
+    """Runs the prompts [B, P] through the model into an empty cache of P + N slots (created
+    outside, so XLA does not constant-fold attention to it) and samples the first new token."""
+    batch = tokens.shape[0]
+    out_length = cache.valid.shape[1] - tokens.shape[1]
     positions = model_lib.positions_from_mask(token_mask)  # [B, P]
     hidden, cache = model_lib.forward(config, weights, tokens, positions, token_mask, cache, svf)
     last_logits = model_lib.logits(weights, hidden[:, -1])  # [B, V]
@@ -268,17 +263,24 @@ class Sampler:
         temperature_array = jnp.asarray(temperature, jnp.float32)
         top_p_array = jnp.asarray(top_p, jnp.float32)
         eos_ids = jnp.asarray([-1], jnp.int32) if ignore_eos else self.eos_ids
+        cache = model_lib.init_cache(
+            self.config,
+            rows,
+            length + new_tokens_bucket(max_new_tokens),
+            dtype=self.weights.embed.dtype,
+            stacked=model_lib.is_stacked(self.weights.layers),
+        )
         state = prefill(
             self.config,
             self.weights,
             svf,
             ids,
             mask,
+            cache,
             key,
             temperature_array,
             top_p_array,
             eos_ids,
-            out_length=new_tokens_bucket(max_new_tokens),
         )
         chunk = STOP_CHECK_CHUNK if stop_strings else max_new_tokens
         stopped = np.zeros(rows, bool)
