@@ -599,14 +599,15 @@ def merge_into_weights(
 ) -> model_lib.Weights:
     """Weights whose target kernels are W'(z), materialized once (fp32, cast to the weights'
     dtype), so decoding with them runs at exactly the base model's cost. Dropped dense kernels
-    (see `drop_target_kernels`) come back as W'(z); existing ones keep their sharding."""
+    (see `drop_target_kernels`) come back as W'(z). W' inherits the factors' sharding (A shares the
+    kernel's input axis, B its output axis). Jit-able."""
     svf = svf_from_factors(factors, z, "merged")
     dtype = weights.embed.dtype
     if model_lib.is_stacked(weights.layers):
         merged = _merged_stacked(_stacked_svf(svf.layers), dtype)
-        return dataclasses.replace(weights, layers=_with_kernels(weights.layers, merged))
+        return dataclasses.replace(weights, layers={**weights.layers, **merged})
     layers = tuple(
-        _with_kernels(layer, _merged_layer(model_lib.layer_slice(svf.layers, i), dtype))
+        {**layer, **_merged_layer(model_lib.layer_slice(svf.layers, i), dtype)}
         for i, layer in enumerate(weights.layers)
     )
     return dataclasses.replace(weights, layers=layers)
@@ -641,12 +642,3 @@ def _stacked_svf(layers: svf_lib.LayerSVF | tuple[svf_lib.LayerSVF, ...]) -> svf
     if isinstance(layers, tuple):
         return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return layers
-
-
-def _with_kernels(layer: dict[str, Array], kernels: dict[str, Array]) -> dict[str, Array]:
-    """`layer` with `kernels` added, or replacing entries (placed like the entries they replace)."""
-    placed = {
-        key: kernel if key not in layer else jax.device_put(kernel, layer[key].sharding)
-        for key, kernel in kernels.items()
-    }
-    return {**layer, **placed}

@@ -176,6 +176,24 @@ def per_row_experts(vectors: Sequence[Mapping[str, Array]]) -> ZVectors:
     return {name: jnp.swapaxes(z, 0, 1) for name, z in stack_experts(vectors).items()}
 
 
+def pad_expert_rows(svf: ModelSVF, rows: int) -> ModelSVF:
+    """Pads per-row expert vectors ([B, R], or [L, B, R] stacked) to `rows` rows with z = 1, the
+    base model (e.g. for a sampler that pads the batch); one-expert vectors pass through."""
+
+    def pad(target: SVFTarget) -> SVFTarget:
+        if target.z.ndim != target.a.ndim:  # one expert: [R] or [L, R]
+            return target
+        missing = rows - target.z.shape[-2]
+        if missing < 0:
+            raise SVFError(f"cannot pad {target.z.shape[-2]} expert rows to {rows}")
+        widths = [(0, 0)] * target.z.ndim
+        widths[-2] = (0, missing)
+        z = jnp.pad(target.z, widths, constant_values=1.0)  # [..., rows, R]
+        return dataclasses.replace(target, z=z)
+
+    return jax.tree.map(pad, svf, is_leaf=lambda node: isinstance(node, SVFTarget))
+
+
 def mix(
     vectors: Mapping[str, Array],
     alpha: Array,

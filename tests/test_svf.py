@@ -219,3 +219,22 @@ def test_mismatched_z_is_a_clear_error(tiny_model):
     per_row = svf_lib.per_row_experts([z, z])
     with pytest.raises(svd.SVDError, match="factored"):
         svd.svf_from_factors(factors, per_row, "merged")
+
+
+def test_padding_expert_rows_adds_base_model_rows(tiny_model):
+    weights, factors = tiny_model
+    experts = [_random_z(40 + row) for row in range(2)]
+    svf = svd.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
+    padded = svf_lib.pad_expert_rows(svf, ROWS)
+    tokens, mask = _batch()
+    together = _logits(CONFIG, weights, tokens, mask, padded)
+    np.testing.assert_allclose(
+        together[:2], _logits(CONFIG, weights, tokens[:2], mask[:2], svf), atol=1e-4
+    )
+    np.testing.assert_allclose(together[2:], _logits(CONFIG, weights, tokens, mask)[2:], atol=1e-4)
+    single = svd.svf_from_factors(factors, experts[0], "factored")
+    unchanged = svf_lib.pad_expert_rows(single, ROWS)
+    leaves = zip(jax.tree.leaves(unchanged), jax.tree.leaves(single), strict=True)
+    assert all(a is b for a, b in leaves)
+    with pytest.raises(svf_lib.SVFError, match="cannot pad"):
+        svf_lib.pad_expert_rows(padded, 2)
