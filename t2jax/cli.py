@@ -1,9 +1,11 @@
 """The `t2jax` command line.
 
-t2jax generate --model smollm2-135m-instruct --chat --prompt "What is 7 * 8?"
-t2jax decompose --model smollm2-135m-instruct
-t2jax expert info math.safetensors
-t2jax params --model smollm2-135m-instruct --targets mlp
+Examples:
+  t2jax generate --model smollm2-135m-instruct --chat --prompt "What is 7 * 8?"
+  t2jax eval --model smollm2-135m-instruct --task gsm8k --split test --limit 20
+  t2jax decompose --model smollm2-135m-instruct
+  t2jax expert info math.safetensors
+  t2jax params --model smollm2-135m-instruct --targets mlp
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -107,12 +110,81 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(subparsers) -> None:
+    from t2jax.tasks import TASK_NAMES
+
+    parser = subparsers.add_parser("eval", help="evaluate a model on a benchmark task")
+    add_model_arguments(parser)
+    parser.add_argument("--task", required=True, choices=TASK_NAMES)
+    parser.add_argument("--split", default="test", help="e.g. train, valid, test, math500")
+    parser.add_argument("--limit", type=int, default=None, help="first N items of the split")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="override the task's official budget"
+    )
+    parser.add_argument("--data-dir", default=None, help="benchmark data (default: $T2JAX_DATA)")
+    parser.add_argument(
+        "--out", default=None, help="output dir (default: runs/eval/MODEL-TASK-SPLIT)"
+    )
+    parser.add_argument(
+        "--official-quirks",
+        action="store_true",
+        help="render prompts exactly as the official code (Llama-3 double BOS, CoT suffix, ...)",
+    )
+    parser.add_argument("--no-resume", action="store_true", help="discard earlier records")
+    parser.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from t2jax.evaluate import evaluate
+    from t2jax.tasks import get_task
+
+    task = get_task(args.task)
+    examples = task.load(args.split, data_dir=args.data_dir)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    loaded = load_model_from_args(args)
+    sampler = loaded.sampler()
+    max_new_tokens = args.max_new_tokens or task.max_new_tokens
+
+    def generate(prompts: list[str]) -> list[str]:
+        generation = sampler.generate(
+            prompts, max_new_tokens=max_new_tokens, stop_strings=task.stop_strings
+        )
+        return generation.texts
+
+    model_name = pathlib.Path(args.model).name.removesuffix(".gguf")
+    out = args.out or f"runs/eval/{model_name}-{args.task}-{args.split}"
+    config = {
+        "model": args.model,
+        "split": args.split,
+        "limit": args.limit,
+        "max_new_tokens": max_new_tokens,
+        "official_quirks": args.official_quirks,
+    }
+    summary = evaluate(
+        task,
+        examples,
+        generate,
+        out,
+        args.batch_size,
+        tokenizer=loaded.tokenizer,
+        official_quirks=args.official_quirks,
+        config=config,
+        resume=not args.no_resume,
+    )
+    print(json.dumps({key: summary[key] for key in ("task", "n", "accuracy", "standard_error")}))
+    print(f"records: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="t2jax", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_eval(subparsers)
     svf_cli.register(subparsers)
     return parser
 
