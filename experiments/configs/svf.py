@@ -1,0 +1,53 @@
+"""SVF expert training (REINFORCE), the official recipe of spec section 2.4 by default.
+
+    t2jax train --config=experiments/configs/svf.py:model=qwen2.5-coder-0.5b-instruct,task=gsm8k \
+        --config.rl.lr=1e-3
+    python experiments/train_svf.py --config=experiments/configs/svf.py:task=arc_easy,preset=cpu
+
+The argument after ':' is comma-separated key=value pairs:
+    model   what `t2jax.loading.load_model` loads (default smollm2-135m-instruct)
+    task    a `t2jax.tasks` name or a synthetic task (default gsm8k)
+    preset  "official" (default): batch 256, 200 updates, the task's token budget;
+            "cpu": a budget for a 2-core CPU (batch 32, 128 new tokens, 40 updates, evaluation on
+            64 train / 200 valid items every 5 updates)
+The run directory defaults to runs/svf/TASK-MODEL-PRESET.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from t2jax import rl_config
+
+PRESETS = {
+    "official": {},
+    "cpu": {
+        "rl.batch_size": 32,
+        "rl.microbatch_size": 8,
+        "rl.num_iters": 40,
+        "rl.eval_every": 5,
+        "rl.logprob_chunk": 64,
+        "task.max_new_tokens": 128,
+        "task.eval_train_limit": 64,
+        "task.valid_limit": 200,
+        "task.eval_batch_size": 32,
+    },
+}
+KEYS = ("model", "task", "preset")
+
+
+def get_config(arg: str = ""):
+    """The `ConfigDict` of a `t2jax.rl_config.TrainConfig` for "model=...,task=...,preset=..."."""
+    options = dict(part.split("=", 1) for part in arg.split(",") if part)
+    unknown = sorted(set(options) - set(KEYS))
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {unknown}; use {', '.join(KEYS)}")
+    model = options.get("model", rl_config.ModelSection().name)
+    task = options.get("task", rl_config.TaskSection().name)
+    preset = options.get("preset", "official")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    workdir = f"runs/svf/{task}-{pathlib.Path(model).name.removesuffix('.gguf')}-{preset}"
+    overrides = {"model.name": model, "task.name": task, "run.workdir": workdir, **PRESETS[preset]}
+    config = rl_config.with_overrides(rl_config.TrainConfig(), overrides)
+    return rl_config.to_config_dict(config)
