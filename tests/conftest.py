@@ -1,4 +1,4 @@
-"""Test setup: CPU only, 8 fake devices, benchmark data from ../shared/data unless told otherwise."""
+"""Test setup: CPU only, 8 fake devices, benchmark data from ../shared/data unless told."""
 
 import os
 import pathlib
