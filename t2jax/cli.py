@@ -17,7 +17,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from t2jax import svf_cli, train_cli
+from t2jax import adapt_cli, svf_cli, train_cli
 from t2jax.config import MeshConfig
 
 
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     svf_cli.register(subparsers)
     train_cli.register(subparsers)
+    adapt_cli.register(subparsers)
     return parser
 
 

@@ -1,0 +1,214 @@
+"""`t2jax adapt`: two-pass self-adaptation of a whole batch, on a task's items or free prompts
+(spec section 4; `t2jax.adapt`).
+
+    t2jax adapt --model smollm2-135m-instruct \\
+        --experts math=math.safetensors,code=code.safetensors,reasoning=arc.safetensors \\
+        --strategy prompt --task arc_challenge --limit 50
+    t2jax adapt ... --strategy cls --cls-expert cls.safetensors --prompt "Write a Python function"
+    t2jax adapt ... --strategy fewshot --task math --shots 10 --generations 50 --limit 200
+
+With --task, "prompt" and "cls" answer the split's first --limit items; "fewshot" adapts on the
+official shots of the split (seeds: MATH 27, HumanEval 16, ARC-Challenge 38) and answers the first
+--limit remaining items, or the --prompt texts when given. Writes samples.jsonl, summary.json and
+summary.md to --out, plus confusion.png (dispatch on a task) or alpha.png (few-shot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `adapt` to the main parser's subparsers."""
+    from t2jax.cli import add_model_arguments
+    from t2jax.tasks import TASK_NAMES
+
+    parser = subparsers.add_parser(
+        "adapt", help="two-pass self-adaptation (prompt / cls-expert dispatch, few-shot CEM)"
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--experts",
+        required=True,
+        help="NAME=PATH,... expert files; dispatch uses the names code, math and reasoning",
+    )
+    parser.add_argument("--strategy", required=True, choices=("prompt", "cls", "fewshot"))
+    parser.add_argument("--cls-expert", default=None, help="the classification expert (cls)")
+    source = parser.add_argument_group("requests (--task, --prompt, or both for fewshot)")
+    source.add_argument("--task", choices=TASK_NAMES, default=None)
+    source.add_argument("--split", default="test")
+    source.add_argument("--limit", type=int, default=None, help="answer the first N items")
+    source.add_argument("--data-dir", default=None, help="benchmark data (default: $T2JAX_DATA)")
+    source.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="pass 2 (default: the task's, or 512)"
+    )
+    parser.add_argument("--classify-max-new-tokens", type=int, default=512, help="pass 1")
+    parser.add_argument(
+        "--rows-per-call", type=int, default=None, help="rows per sampler call (default: all)"
+    )
+    parser.add_argument(
+        "--official-other",
+        action="store_true",
+        help="reproduce the official bug: 'other' runs with the last-loaded expert, not the base",
+    )
+    parser.add_argument(
+        "--official-quirks", action="store_true", help="official (Llama-3) prompt rendering"
+    )
+    few_shot = parser.add_argument_group("few-shot CEM")
+    few_shot.add_argument("--shots", type=int, default=10)
+    few_shot.add_argument("--few-shot-seed", type=int, default=None, help="default: official")
+    few_shot.add_argument("--generations", type=int, default=50)
+    few_shot.add_argument("--population", type=int, default=32)
+    few_shot.add_argument("--elite-ratio", type=float, default=0.2)
+    few_shot.add_argument("--alpha-shape", choices=("per-matrix", "global"), default="per-matrix")
+    few_shot.add_argument(
+        "--mix-space", choices=("z", "p"), default="z", help="p: raw parameters (official code)"
+    )
+    few_shot.add_argument("--no-tie-break", action="store_true")
+    few_shot.add_argument("--seed", type=int, default=0, help="CEM seed")
+    parser.add_argument("--cache-dir", default=None, help="SVD factor cache root")
+    parser.add_argument("--out", default=None, help="default: runs/adapt/MODEL-STRATEGY-TASK")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run_adapt)
+
+
+def parse_expert_paths(spec: str) -> dict[str, str]:
+    """ "math=a.safetensors,code=b" -> {"math": "a.safetensors", "code": "b"} (order kept).
+
+    Raises:
+        ValueError: an entry without NAME=PATH, or a repeated name.
+    """
+    paths: dict[str, str] = {}
+    for entry in spec.split(","):
+        name, separator, path = entry.partition("=")
+        if not separator or not name.strip() or not path.strip():
+            raise ValueError(f"--experts entries look like NAME=PATH, got {entry!r}")
+        if name.strip() in paths:
+            raise ValueError(f"expert {name.strip()!r} is given twice")
+        paths[name.strip()] = path.strip()
+    return paths
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.strategy == "fewshot" and args.task is None:
+        raise ValueError("--strategy fewshot needs --task (the shots come from it)")
+    if args.strategy != "fewshot" and (args.task is None) == (not args.prompt):
+        raise ValueError("give either --task or --prompt")
+    if args.strategy == "cls" and args.cls_expert is None:
+        raise ValueError("--strategy cls needs --cls-expert")
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from t2jax import adapt
+    from t2jax import experts as experts_lib
+    from t2jax.cli import load_model_from_args, render_chat
+    from t2jax.tasks import Example, get_task, render_prompt
+
+    _check_arguments(args)
+    expert_paths = parse_expert_paths(args.experts)
+    if args.strategy != "fewshot" and not set(expert_paths) <= set(adapt.CATEGORY_OF_TASK.values()):
+        raise ValueError(f"dispatch experts must be named code, math or reasoning: {expert_paths}")
+    experts = {name: experts_lib.load_expert(path) for name, path in expert_paths.items()}
+    classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
+    task = get_task(args.task) if args.task else None
+    loaded = load_model_from_args(args)
+    model = adapt.build_expert_model(
+        loaded, experts, classifier, cache_root=args.cache_dir, progress=not args.no_progress
+    )
+    tokenizer = loaded.tokenizer
+    options = _options(args, task)
+
+    shots = examples = ()
+    if task is not None:
+        items = task.load(args.split, data_dir=args.data_dir)
+        if args.strategy == "fewshot":
+            shot_indices, rest = adapt.few_shot_split(
+                task.name, len(items), args.shots, args.few_shot_seed
+            )
+            shots, items = [items[i] for i in shot_indices], [items[i] for i in rest]
+        examples = items[: args.limit]
+    if args.prompt:
+        examples = [Example(f"prompt/{i}", text, None) for i, text in enumerate(args.prompt)]
+        prompts = [render_chat(tokenizer, text) for text in args.prompt]
+    else:
+        prompts = [render_prompt(task, e, tokenizer, args.official_quirks) for e in examples]
+    shot_prompts = [render_prompt(task, e, tokenizer, args.official_quirks) for e in shots]
+
+    run = adapt.adapt(
+        model,
+        args.strategy,
+        examples,
+        prompts,
+        options,
+        task=task,
+        shots=shots,
+        shot_prompts=shot_prompts,
+        progress=not args.no_progress,
+    )
+    records, summary = adapt.score_run(run, task if not args.prompt else None)
+    out = pathlib.Path(args.out or _default_out(args))
+    _write(out, records, summary)
+    _plot(out, run, args.task)
+    keys = ("strategy", "task", "n", "accuracy", "first_pass_seconds", "second_pass_seconds")
+    print(json.dumps({key: summary[key] for key in keys if key in summary}))
+    print(f"records: {out}")
+    return 0
+
+
+def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported lazily)
+    from t2jax import adapt
+    from t2jax.tasks import OFFICIAL_STOP_STRINGS
+
+    few_shot = adapt.FewShotConfig(
+        shots=args.shots,
+        generations=args.generations,
+        population_size=args.population,
+        elite_ratio=args.elite_ratio,
+        alpha_shape=args.alpha_shape.replace("-", "_"),
+        mix_space=args.mix_space,
+        tie_break=not args.no_tie_break,
+        seed=args.seed,
+        rows_per_call=args.rows_per_call,
+    )
+    default_tokens = task.max_new_tokens if task is not None else 512
+    return adapt.AdaptOptions(
+        max_new_tokens=args.max_new_tokens or default_tokens,
+        stop_strings=tuple(task.stop_strings) if task is not None else OFFICIAL_STOP_STRINGS,
+        rows_per_call=args.rows_per_call,
+        classify_max_new_tokens=args.classify_max_new_tokens,
+        official_other=args.official_other,
+        official_quirks=args.official_quirks,
+        few_shot=few_shot,
+    )
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    model_name = pathlib.Path(args.model).name.removesuffix(".gguf")
+    return f"runs/adapt/{model_name}-{args.strategy}-{args.task or 'prompts'}"
+
+
+def _write(out: pathlib.Path, records: list[dict], summary: dict) -> None:
+    from t2jax import reports
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(reports.run_markdown(summary))
+
+
+def _plot(out: pathlib.Path, run, task_name: str | None) -> None:
+    """confusion.png for dispatch on a task of known category, alpha.png for few-shot."""
+    from t2jax import adapt, reports
+
+    if run.dispatch is not None and task_name in adapt.CATEGORY_OF_TASK:
+        truth = [adapt.CATEGORY_OF_TASK[task_name]] * len(run.dispatch.categories)
+        counts = reports.confusion_counts(truth, run.dispatch.categories)
+        reports.plot_confusions({run.strategy: counts}, out / "confusion.png")
+    if run.few_shot is not None:
+        alphas = {task_name: run.few_shot.alpha}
+        reports.plot_alpha(alphas, run.few_shot.experts, out / "alpha.png")

@@ -1,0 +1,399 @@
+"""Self-adaptation on a tiny random model with three tiny experts (and a tiny cls expert):
+dispatch parsing and routing, per-row generation, the batched CEM population evaluation against
+one candidate at a time, the log-likelihood tie-break scorer, the few-shot split, reports, and the
+two-pass pipeline end to end through `t2jax adapt`."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny
+
+from t2jax import adapt, cli, reports, svd
+from t2jax import experts as experts_lib
+from t2jax import model as model_lib
+from t2jax import svf as svf_lib
+from t2jax.loading import load_model
+from t2jax.tasks import Example, Score, Task, get_task, parse_category
+from t2jax.tasks.base import TEMPLATE_PLAIN
+
+pytest.importorskip("torch")
+
+EXPERT_NAMES = ("math", "code", "reasoning")
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(directory with model/ and expert files, ExpertModel)."""
+    root = tmp_path_factory.mktemp("adapt")
+    tiny.save_tiny_checkpoint(root / "model", "llama", seed=3)
+    loaded = load_model(str(root / "model"), progress=False)
+    fingerprint = svd.fingerprint(loaded.config, loaded.checkpoint.tensors)
+    shapes = svd.svf_param_shapes(loaded.config, svd.TARGET_SETS["mlp"])
+
+    def random_expert(seed):
+        params = svf_lib.init_params(jax.random.key(seed), shapes, std=2.0)
+        return experts_lib.expert_from_params(params, fingerprint=fingerprint)
+
+    experts = {name: random_expert(seed) for seed, name in enumerate(EXPERT_NAMES)}
+    classifier = random_expert(7)
+    for name, expert in [*experts.items(), ("cls", classifier)]:
+        experts_lib.save_expert(expert, root / f"{name}.safetensors")
+    model = adapt.build_expert_model(
+        loaded, experts, classifier, cache_root=str(root / "svd"), progress=False
+    )
+    return root, model
+
+
+class ChecksumTask(Task):
+    """A deterministic scorer for random-model text: shot 0 is always right, the others iff the
+    completion's byte sum is even."""
+
+    name = "checksum"
+    splits = ("test",)
+    system_message = "Answer briefly."
+    template = TEMPLATE_PLAIN
+
+    def _load(self, split, data_dir):
+        return [Example(f"checksum/{i}", f"Question {i}: {i} + {i}?", str(2 * i)) for i in range(5)]
+
+    def score(self, example, completion):
+        correct = example.id.endswith("/0") or sum(completion.encode()) % 2 == 0
+        return Score(correct, completion, "checksum")
+
+
+def shot_prompts(model, shots):
+    tokenizer = model.sampler.tokenizer
+    return [
+        cli.render_chat(tokenizer, shot.question, ChecksumTask.system_message) for shot in shots
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch: parsing and routing.
+
+
+@pytest.mark.parametrize(
+    ("output", "category"),
+    [
+        ("Classification: \\boxed{math}", "math"),
+        ("\\boxed{code}", "code"),
+        ("It needs logic.\nClassification: \\boxed{reasoning}.", "reasoning"),
+        ("\\boxed{reasoning} or maybe \\boxed{math}", "reasoning"),  # the first box counts
+        ("\\boxed{other}", "other"),
+        ("\\boxed{Math}", "other"),  # exact match, as in the official code
+        ("\\boxed{ code }", "other"),
+        ("Classification: math", "other"),  # unboxed
+        ("\\boxed{}", "other"),
+        ("\\boxed{math", "other"),  # never closed
+        ("ÿ\x00 garbage \\box{code}", "other"),
+        ("", "other"),
+    ],
+)
+def test_dispatch_parses_the_first_boxed_category(output, category):
+    assert parse_category(output) == category
+
+
+def test_other_and_categories_without_an_expert_route_to_the_base_weights():
+    categories = ["other", "math", "code", "reasoning", "other"]
+    assert adapt.route(categories, ("math", "code")) == [None, "math", "code", None, None]
+
+
+def test_official_other_uses_the_last_loaded_expert():
+    categories = ["other", "math", "code", "other"]
+    routes = adapt.route(categories, EXPERT_NAMES, official_other=True)
+    assert routes == ["math", "math", "code", "math"]  # order code, math, reasoning: math is last
+    assert adapt.route(["other"], EXPERT_NAMES, official_other=True, first_pass="cls") == ["cls"]
+
+
+def test_classification_prompt_has_the_official_system_message_and_the_question(setup):
+    _, model = setup
+    prompt = adapt.classification_prompt(model.sampler.tokenizer, "What is 2 + 2?")
+    assert "<|im_start|>system\n\n    # Analyze the given question" in prompt
+    assert prompt.endswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_classify_parses_every_first_pass_answer(setup):
+    _, model = setup
+    questions = ["Sort a list in Python.", "What is 17 * 3?", "Why is the sky blue?"]
+    for use_classifier in (False, True):
+        dispatch = adapt.classify(
+            model, questions, use_classifier=use_classifier, max_new_tokens=NEW_TOKENS
+        )
+        assert dispatch.categories == tuple(parse_category(t) for t in dispatch.outputs)
+    assert dispatch.outputs != adapt.classify(model, questions, max_new_tokens=NEW_TOKENS).outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation with one expert per row.
+
+
+def test_rows_routed_to_different_experts_equal_separate_runs(setup):
+    _, model = setup
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [30, 31, 32, 33, 34], [40, 41]]
+    choices = [model.expert_z["math"], None, model.expert_z["code"]]
+    row_choice = [0, 1, 2, 1]
+
+    together = adapt.generate_rows(
+        model, prompts, choices, row_choice, max_new_tokens=NEW_TOKENS
+    ).token_ids
+
+    alone = [
+        adapt.generate_rows(model, [p], choices, [c], max_new_tokens=NEW_TOKENS).token_ids[0]
+        for p, c in zip(prompts, row_choice, strict=True)
+    ]
+    base = model.sampler.generate(prompts, max_new_tokens=NEW_TOKENS).token_ids
+    assert together == alone
+    assert together[1] == base[1] and together[3] == base[3]  # "other" rows: the base weights
+    assert together[0] != base[0] or together[2] != base[2]  # the experts do change outputs
+
+
+def test_output_logprobs_match_a_full_forward_pass(setup):
+    _, model = setup
+    prompt_ids, output_ids = [[5, 9, 13], [7, 7, 1, 2, 3]], [[40, 41, 42], []]
+    z = model.expert_z["code"]
+    got = adapt.output_logprobs(model, prompt_ids, output_ids, [z], [0, 0], batch_size=4)
+
+    weights = svd.merge_into_weights(model.weights, model.factors, z)
+    tokens = jnp.asarray([prompt_ids[0] + output_ids[0]])
+    mask = jnp.ones_like(tokens, bool)
+    positions = model_lib.positions_from_mask(mask)
+    hidden, _ = model_lib.forward(model.config, weights, tokens, positions, mask)
+    log_probs = jax.nn.log_softmax(model_lib.logits(weights, hidden))[0]  # [T, V]
+    expected = np.mean([log_probs[2 + i, token] for i, token in enumerate(output_ids[0])])
+    np.testing.assert_allclose(got, [expected, 0.0], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot CEM.
+
+
+def test_official_few_shot_splits():
+    shots, rest = adapt.few_shot_split("arc_challenge", 1172, 10)
+    assert len(shots) == 10 and len(rest) == 1162 and not set(shots) & set(rest)
+    assert (
+        adapt.few_shot_split("math", 5000, 10)[0] != adapt.few_shot_split("humaneval", 5000, 10)[0]
+    )
+    with pytest.raises(adapt.AdaptError, match="no official few-shot seed"):
+        adapt.few_shot_split("gsm8k", 100, 10)
+
+
+def test_initial_alpha_and_mixing_spaces(setup):
+    _, model = setup
+    assert adapt.initial_alpha(model, "global").tolist() == pytest.approx([1 / 3] * 3)
+    per_matrix = adapt.initial_alpha(model, "per_matrix")
+    assert per_matrix.shape == (3, model.config.num_layers * 3)  # [K, L * (gate, up, down)]
+    z_basis, p_basis = adapt.mixing_basis(model, "z"), adapt.mixing_basis(model, "p")
+    np.testing.assert_allclose(z_basis["mlp.up_proj"], jax.nn.sigmoid(p_basis["mlp.up_proj"]))
+    one_hot = jnp.asarray([[0.0, 1.0, 0.0]])  # [P=1, K]: the code expert alone
+    mixed = adapt.mix_population(z_basis, one_hot, False, model.targets)
+    np.testing.assert_allclose(mixed["mlp.down_proj"][0], model.expert_z["code"]["mlp.down_proj"])
+
+
+def test_batched_population_fitness_equals_each_candidate_alone(setup):
+    _, model = setup
+    task = ChecksumTask()
+    shots = task.load("test")[:3]
+    prompts = shot_prompts(model, shots)
+    alphas = jax.random.uniform(jax.random.key(4), (4, 3))  # [P, K]
+    z_population = adapt.mix_population(
+        adapt.mixing_basis(model, "z"), alphas, False, model.targets
+    )
+
+    batched = adapt.score_population(
+        model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS
+    )
+
+    for p in range(4):
+        alone = adapt.score_population(
+            model,
+            task,
+            shots,
+            prompts,
+            {key: z[p : p + 1] for key, z in z_population.items()},
+            max_new_tokens=NEW_TOKENS,
+        )
+        assert alone.texts[0] == batched.texts[p]
+        np.testing.assert_array_equal(alone.correct[0], batched.correct[p])
+        assert alone.accuracy[0] == batched.accuracy[p]
+    assert len({tuple(texts) for texts in batched.texts}) > 1  # candidates differ
+
+
+def test_tied_candidates_get_the_log_likelihood_of_their_correct_answers(setup):
+    _, model = setup
+    task = ChecksumTask()
+    shots = task.load("test")[:2]
+    prompts = shot_prompts(model, shots)
+    z = model.expert_z["reasoning"]
+    z_population = {key: jnp.stack([v, v, v]) for key, v in z.items()}  # three equal candidates
+
+    scores = adapt.score_population(
+        model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS
+    )
+
+    assert scores.accuracy.tolist() == [scores.accuracy[0]] * 3 and scores.accuracy[0] > 0
+    prompt_ids = model.sampler.encode(prompts)
+    correct = np.flatnonzero(scores.correct[0])
+    generation = adapt.generate_rows(
+        model, [prompt_ids[n] for n in correct], [z], [0] * len(correct), max_new_tokens=NEW_TOKENS
+    )
+    expected = adapt.output_logprobs(
+        model, [prompt_ids[n] for n in correct], generation.token_ids, [z], [0] * len(correct)
+    ).mean()
+    np.testing.assert_allclose(scores.loglik, [expected] * 3, rtol=1e-4)
+    off = adapt.score_population(
+        model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS, tie_break=False
+    )
+    assert np.isnan(off.loglik).all()
+
+
+def test_few_shot_search_keeps_an_incumbent_that_is_never_worse(setup):
+    _, model = setup
+    task = ChecksumTask()
+    shots = task.load("test")[:3]
+    config = adapt.FewShotConfig(
+        shots=3, generations=2, population_size=4, elite_ratio=0.5, alpha_shape="global"
+    )
+    result = adapt.few_shot_search(
+        model, task, shots, shot_prompts(model, shots), config, max_new_tokens=NEW_TOKENS
+    )
+    assert result.experts == EXPERT_NAMES and result.alpha.shape == (3,)
+    assert ((result.alpha >= 0) & (result.alpha <= 1)).all()
+    best = [entry["best_fitness"] for entry in result.history]
+    assert best[1] >= best[0] and best[0] >= 1 / 3  # shot 0 is always right
+    np.testing.assert_allclose(
+        result.z["mlp.up_proj"],
+        np.einsum("k,klr->lr", result.alpha, adapt.mixing_basis(model, "z")["mlp.up_proj"]),
+        rtol=1e-5,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports.
+
+
+def test_table2_markdown_json_and_plots(tmp_path):
+    results = {
+        "base": {"math": {"accuracy": 0.25, "n": 40}, "arc_challenge": {"accuracy": 0.5, "n": 40}},
+        "prompt": {
+            "math": {"accuracy": 0.3, "n": 40},
+            "arc_challenge": {"accuracy": 0.45, "n": 40},
+        },
+    }
+    table = reports.table2(results, model="tiny")
+    markdown = reports.write_table2(table, tmp_path).read_text()
+    assert "| tiny | 25.00 (1.00) | 50.00 (1.00) |" in markdown
+    assert "| + T² (Prompt) | 30.00 (1.20) | 45.00 (0.90) |" in markdown
+    assert json.loads((tmp_path / "table2.json").read_text())["tasks"] == ["math", "arc_challenge"]
+
+    counts = reports.confusion_counts(["math", "math", "code"], ["math", "other", "code"])
+    assert counts.tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
+    reports.plot_confusions({"base": counts, "cls-expert": counts}, tmp_path / "confusion.png")
+    reports.plot_alpha(
+        {"math": np.ones((3, 6)) / 3, "humaneval": np.asarray([0.1, 0.8, 0.3])},
+        EXPERT_NAMES,
+        tmp_path / "alpha.png",
+    )
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "alpha.png").stat().st_size > 1000
+    timing = reports.timing_markdown({"math": {"first_pass_seconds": 1, "second_pass_seconds": 4}})
+    assert "| MATH | 1.00 | 4.00 | 25% |" in timing
+
+
+# ----------------------------------------------------------------------------------------------
+# The two-pass pipeline end to end.
+
+
+def adapt_command(root, out, *extra):
+    experts = ",".join(f"{name}={root / name}.safetensors" for name in EXPERT_NAMES)
+    argv = [
+        "adapt",
+        "--model",
+        str(root / "model"),
+        "--experts",
+        experts,
+        "--cache-dir",
+        str(root / "svd"),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--classify-max-new-tokens",
+        str(NEW_TOKENS),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+    return cli.main(argv)
+
+
+@pytest.mark.parametrize("strategy", ["prompt", "cls"])
+def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy):
+    root, _ = setup
+    extra = ["--cls-expert", str(root / "cls.safetensors")] if strategy == "cls" else []
+    status = adapt_command(
+        root, tmp_path, "--strategy", strategy, "--task", "arc_challenge", "--limit", "3", *extra
+    )
+
+    assert status == 0
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for record in records:
+        assert record["category"] == parse_category(record["classification"])
+        assert record["route"] == (record["category"] if record["category"] != "other" else None)
+        assert record["correct"] in (True, False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == strategy and summary["n"] == 3
+    assert summary["first_pass_seconds"] > 0 and summary["second_pass_seconds"] > 0
+    assert (tmp_path / "confusion.png").exists()
+
+
+def test_two_pass_few_shot_on_a_task(setup, tmp_path):
+    root, _ = setup
+    status = adapt_command(
+        root,
+        tmp_path,
+        "--strategy",
+        "fewshot",
+        "--task",
+        "arc_challenge",
+        "--limit",
+        "2",
+        "--shots",
+        "2",
+        "--generations",
+        "2",
+        "--population",
+        "4",
+        "--elite-ratio",
+        "0.5",
+        "--mix-space",
+        "p",
+    )
+
+    assert status == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n"] == 2 and summary["routes"] == {"mixture": 2}
+    assert summary["experts"] == list(EXPERT_NAMES)
+    assert np.asarray(summary["alpha"]).shape == (3, 2 * 3)  # per matrix by default
+    assert len(summary["history"]) == 2
+    ids = [json.loads(line)["id"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    items = get_task("arc_challenge").load("test")
+    _, rest = adapt.few_shot_split("arc_challenge", len(items), 2)
+    assert ids == [items[i].id for i in rest[:2]]  # the first reported items, shots excluded
+    assert (tmp_path / "alpha.png").exists()
+
+
+def test_free_prompts_and_clear_errors(setup, tmp_path, capsys):
+    root, _ = setup
+    status = adapt_command(root, tmp_path, "--strategy", "prompt", "--prompt", "Sort a list.")
+    assert status == 0
+    record = json.loads((tmp_path / "samples.jsonl").read_text())
+    assert record["id"] == "prompt/0" and "correct" not in record
+
+    assert adapt_command(root, tmp_path, "--strategy", "cls", "--prompt", "x") == 2
+    assert "--cls-expert" in capsys.readouterr().err
+    assert adapt_command(root, tmp_path, "--strategy", "fewshot", "--prompt", "x") == 2
+    assert "needs --task" in capsys.readouterr().err
