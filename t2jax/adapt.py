@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from t2jax import cem as cem_lib
 from t2jax import experts as experts_lib
+from t2jax import logprobs, svd
 from t2jax import model as model_lib
-from t2jax import svd
 from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig
 from t2jax.evaluate import standard_error
@@ -288,23 +288,13 @@ def _mean_target_logprob(
     target_mask: Array,
 ) -> Array:
     """Mean log-probability of the tokens marked by `target_mask` [B, T] given what precedes
-    them; 0 for rows without targets. Logits are formed one 64-token chunk at a time."""
+    them; 0 for rows without targets. Logits are formed 64 positions at a time."""
     positions = model_lib.positions_from_mask(mask)  # [B, T]
     hidden, _ = model_lib.forward(config, weights, tokens, positions, mask, svf=svf)  # [B, T, D]
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [B, T]: the token each one predicts
     scored = jnp.pad(target_mask[:, 1:], ((0, 0), (0, 1)))  # [B, T]
-    batch, length, width = hidden.shape
-    chunk = math.gcd(length, 64)
-    hidden_chunks = hidden.reshape(batch, length // chunk, chunk, width).swapaxes(0, 1)
-    token_chunks = next_tokens.reshape(batch, length // chunk, chunk).swapaxes(0, 1)
-
-    def chunk_logprobs(inputs: tuple[Array, Array]) -> Array:
-        chunk_hidden, chunk_tokens = inputs  # [B, C, D], [B, C]
-        log_probs = jax.nn.log_softmax(model_lib.logits(weights, chunk_hidden))  # [B, C, V]
-        return jnp.take_along_axis(log_probs, chunk_tokens[..., None], axis=-1)[..., 0]  # [B, C]
-
-    token_logprobs = jax.lax.map(chunk_logprobs, (hidden_chunks, token_chunks))  # [T/C, B, C]
-    token_logprobs = token_logprobs.swapaxes(0, 1).reshape(batch, length)  # [B, T]
+    chunk = math.gcd(tokens.shape[1], 64)
+    token_logprobs, _ = logprobs.token_log_probs(weights, hidden, next_tokens, chunk)  # [B, T]
     total = jnp.sum(jnp.where(scored, token_logprobs, 0.0), axis=-1)  # [B]
     return total / jnp.maximum(jnp.sum(scored, axis=-1), 1)  # [B]
 
@@ -319,8 +309,7 @@ def output_logprobs(
     batch_size: int = 16,
 ) -> np.ndarray:
     """Mean per-token log-probability of each output given its prompt, under its row's weights
-    (the official CEM tie-break score; 0.0 for an empty output). A minimal teacher-forced scorer
-    (to be deduplicated with `t2jax.logprobs` once the trainer lands).
+    (the official CEM tie-break score; 0.0 for an empty output).
 
     Returns:
         [B] float32.
