@@ -110,6 +110,41 @@ class TrainState:
 # Loss, gradients, update (jitted; configs are static, arrays traced).
 
 
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The settings the gradient computation depends on: its static (compile-time) argument, kept
+    apart from `RLConfig` so that runs differing only in lr, seed, batch order, ... share one
+    compiled gradient function.
+
+    Attributes:
+        parametrization: how p maps to z.
+        mode: how the teacher-forced pass applies W'(z) ("merged" or "factored").
+        kl_coeff: lambda (0 skips the reference forward pass).
+        kl_direction: see `t2jax.logprobs.kl_from_log_probs`.
+        length_normalize: divide each log-likelihood by its token count.
+        logprob_chunk: sequence positions per log-softmax chunk.
+    """
+
+    parametrization: svf_lib.Parametrization = svf_lib.OFFICIAL_PARAMETRIZATION
+    mode: str = "merged"
+    kl_coeff: float = 0.0
+    kl_direction: str = "ref_policy"
+    length_normalize: bool = False
+    logprob_chunk: int = 128
+
+    @classmethod
+    def from_config(cls, svf_config: SVFSection, rl: RLConfig) -> LossOptions:
+        """The loss options of a run's SVF and RL sections."""
+        return cls(
+            parametrization=svf_config.parametrization,
+            mode=svf_config.mode,
+            kl_coeff=rl.kl_coeff,
+            kl_direction=rl.kl_direction,
+            length_normalize=rl.length_normalize,
+            logprob_chunk=rl.logprob_chunk,
+        )
+
+
 def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then Adam with a constant learning rate (official code) or AdamW
     with cosine decay over `num_iters` (the paper)."""
@@ -158,8 +193,7 @@ def _hidden_states(
 def microbatch_loss(
     params: svf_lib.SVFParams,
     config: ModelConfig,
-    svf_config: SVFSection,
-    rl: RLConfig,
+    options: LossOptions,
     weights: model_lib.Weights,
     factors: svd.ModelFactors,
     batch: PolicyBatch,
@@ -173,27 +207,27 @@ def microbatch_loss(
     Returns:
         (loss share, sums over the microbatch's real rows: "log_likelihood", "kl", "tokens").
     """
-    z = svf_lib.z_of(params, svf_config.parametrization)
-    hidden = _hidden_states(config, weights, factors, z, svf_config.mode, batch)  # [N, T, D]
+    z = svf_lib.z_of(params, options.parametrization)
+    hidden = _hidden_states(config, weights, factors, z, options.mode, batch)  # [N, T, D]
     reference = None
-    if rl.kl_coeff > 0:
+    if options.kl_coeff > 0:
         base_z = _uniform_z(factors)
-        reference = _hidden_states(config, weights, factors, base_z, svf_config.mode, batch)
+        reference = _hidden_states(config, weights, factors, base_z, options.mode, batch)
     targets = jnp.roll(batch.tokens, -1, axis=1)  # [N, T]: position t predicts token t + 1
     scored = jnp.pad(batch.completion_mask[:, 1:], ((0, 0), (0, 1)))  # [N, T]
     token_log_probs, token_kl = logprobs_lib.token_log_probs(
-        weights, hidden, targets, rl.logprob_chunk, reference, rl.kl_direction
+        weights, hidden, targets, options.logprob_chunk, reference, options.kl_direction
     )  # [N, T] each
     token_counts = jnp.sum(scored, axis=1)  # [N]
     log_likelihood = jnp.sum(jnp.where(scored, token_log_probs, 0.0), axis=1)  # [N]
     objective = log_likelihood
-    if rl.length_normalize:
+    if options.length_normalize:
         objective = log_likelihood / jnp.maximum(token_counts, 1)  # [N]
     row_losses = -batch.advantages * objective  # [N]
     kl = jnp.zeros_like(log_likelihood)  # [N]
     if token_kl is not None:
         kl = jnp.sum(jnp.where(scored, token_kl, 0.0), axis=1)  # [N]
-        row_losses = row_losses + rl.kl_coeff * kl
+        row_losses = row_losses + options.kl_coeff * kl
     rows = batch.row_mask.astype(jnp.float32)  # [N]
     loss = jnp.sum(row_losses * rows) / num_rows
     sums = {
@@ -215,11 +249,10 @@ def _split_microbatches(batch: PolicyBatch, num_microbatches: int) -> PolicyBatc
     return jax.tree.map(split, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "svf_config", "rl", "num_microbatches"))
+@functools.partial(jax.jit, static_argnames=("config", "options", "num_microbatches"))
 def compute_gradients(
     config: ModelConfig,
-    svf_config: SVFSection,
-    rl: RLConfig,
+    options: LossOptions,
     params: svf_lib.SVFParams,
     weights: model_lib.Weights,
     factors: svd.ModelFactors,
@@ -230,8 +263,7 @@ def compute_gradients(
 
     Args:
         config: the model architecture.
-        svf_config: parametrization and how W' is applied.
-        rl: loss options (KL, length normalization, chunk size).
+        options: parametrization, how W' is applied, KL, length normalization, chunk size.
         params: SVF parameters p (the only differentiable input).
         weights: frozen decoder weights (the targets' dense kernels may be dropped).
         factors: frozen SVD factors of the targets.
@@ -248,7 +280,7 @@ def compute_gradients(
     def accumulate(carry, micro: PolicyBatch):
         grads, loss, sums = carry
         (micro_loss, micro_sums), micro_grads = gradient_fn(
-            params, config, svf_config, rl, weights, factors, micro, num_rows
+            params, config, options, weights, factors, micro, num_rows
         )
         grads = jax.tree.map(jnp.add, grads, micro_grads)
         sums = jax.tree.map(jnp.add, sums, micro_sums)
@@ -271,13 +303,13 @@ def apply_gradients(
     """One optimizer update. Returns the new state and the pre-clip gradient and update norms."""
     updates, opt_state = make_optimizer(rl).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+    metrics = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def train_step(
     config: ModelConfig,
-    svf_config: SVFSection,
+    options: LossOptions,
     rl: RLConfig,
     state: TrainState,
     weights: model_lib.Weights,
@@ -287,7 +319,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """`compute_gradients` then `apply_gradients` (the loop calls them apart to time them)."""
     grads, metrics = compute_gradients(
-        config, svf_config, rl, state.params, weights, factors, batch, num_microbatches
+        config, options, state.params, weights, factors, batch, num_microbatches
     )
     state, update_metrics = apply_gradients(rl, state, grads)
     return state, {**metrics, **update_metrics}
@@ -660,12 +692,13 @@ class Trainer:
         rl = self.config.rl
         params = self.setup.initial_params()
         schedule = batch_schedule(len(self.setup.train), rl.batch_size, rl.num_iters, rl.seed)
-        return {
+        tree = {
             "state": init_state(params, rl),
             "best_params": _copy(params),  # the state's params are donated to each update
             "rng": jax.random.key_data(jax.random.key(rl.seed)),
             "schedule": schedule,
         }
+        return jax.device_put(tree, parallel.replicated(self.mesh))  # restored onto these too
 
     def run(self) -> dict[str, Any]:
         """Trains to `num_iters` updates (resuming from the latest checkpoint), then exports the
@@ -740,7 +773,7 @@ class Trainer:
         setup, config = self.setup, self.config
         timer = metrics_lib.StepTimer()
         state = tree["state"]
-        examples = [setup.train[i] for i in tree["schedule"][index]]
+        examples = [setup.train[i] for i in parallel.host_array(tree["schedule"][index])]
         key = jax.random.fold_in(jax.random.wrap_key_data(tree["rng"]), index)
         seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
         with timer.phase("rollout"):
@@ -752,8 +785,7 @@ class Trainer:
             batch, num_microbatches = policy_batch(setup, rollouts)
             grads, loss_metrics = compute_gradients(
                 setup.loaded.config,
-                config.svf,
-                config.rl,
+                LossOptions.from_config(config.svf, config.rl),
                 state.params,
                 setup.loaded.weights,
                 setup.factors,

@@ -1,0 +1,278 @@
+"""REINFORCE objective, gradients and update on a tiny random model: the loss against a direct
+computation, zero rewards, the direction of one step, microbatching, 8 devices vs 1, and the host
+side (advantages, batch order, completion tokens, batch layout, optimizers)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import svf_tiny
+import tiny
+
+from t2jax import model as model_lib
+from t2jax import parallel, reinforce, svd
+from t2jax import svf as svf_lib
+from t2jax.config import MeshConfig
+from t2jax.rl_config import RLConfig, SVFSection
+
+CONFIG = svf_tiny.CONFIG
+TARGETS = svd.TARGET_SETS["mlp"]
+SVF = SVFSection()
+RL = RLConfig(lr=1e-2, max_grad_norm=1.0, logprob_chunk=8)
+
+
+def _frozen(mesh=None, stacked=False):
+    """(weights without the target kernels, factors), sharded over `mesh` when given."""
+    tensors = svf_tiny.random_tensors(CONFIG, seed=4)
+    place = None
+    if mesh is not None:
+
+        def place(key, array):
+            return jax.device_put(array, parallel.weight_sharding(key, array.shape, mesh))
+
+    weights = model_lib.weights_from_hf(
+        CONFIG, tensors, stacked=stacked, skip=lambda key: key in TARGETS, place=place
+    )
+    fingerprint = svd.fingerprint(CONFIG, tensors)
+    factors = svf_tiny.factors(tensors, fingerprint, TARGETS, stacked=stacked, mesh=mesh)
+    return weights, factors
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    return _frozen()
+
+
+def _params(factors, seed=0, spread=0.3):
+    shapes = {key: (factors.num_layers, rank) for key, rank in factors.ranks().items()}
+    return svf_lib.init_params(jax.random.key(seed), shapes, std=spread)
+
+
+def _sequences(rows, seed=0):
+    """Random (ids, prompt length) pairs of different lengths."""
+    rng = np.random.default_rng(seed)
+    sequences = []
+    for _ in range(rows):
+        prompt, completion = rng.integers(2, 9), rng.integers(1, 12)
+        sequences.append((rng.integers(0, CONFIG.vocab_size, prompt + completion).tolist(), prompt))
+    return sequences
+
+
+def _batch(advantages, seed=0, rows=8):
+    """A batch of len(advantages) random sequences padded to `rows` rows (one shape to compile)."""
+    advantages = np.asarray(advantages, np.float32)
+    sequences = _sequences(len(advantages), seed)
+    host = reinforce.assemble_batch(sequences, advantages, chunk=RL.logprob_chunk, rows=rows)
+    return jax.tree.map(jnp.asarray, host), sequences
+
+
+def _gradients(frozen, params, batch, rl=RL, num_microbatches=1):
+    weights, factors = frozen
+    options = reinforce.LossOptions.from_config(SVF, rl)
+    return reinforce.compute_gradients(
+        CONFIG, options, params, weights, factors, batch, num_microbatches
+    )
+
+
+@jax.jit
+def _full_log_probs(weights, factors, params, tokens):
+    """[B, T, V] log-probs of right-padded rows (causal attention never sees the pads)."""
+    svf = svd.svf_from_factors(factors, svf_lib.z_of(params, SVF.parametrization))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = jnp.ones_like(tokens, bool)
+    hidden, _ = model_lib.forward(CONFIG, weights, tokens, positions, mask, svf=svf)
+    return jax.nn.log_softmax(model_lib.logits(weights, hidden))  # [B, T, V]
+
+
+def _direct_log_likelihoods(frozen, params, sequences):
+    """sum_t log pi(y_t | ...) per sequence from an independent right-padded, full-softmax pass."""
+    length = max(len(ids) for ids, _ in sequences)
+    tokens = jnp.asarray([ids + [0] * (length - len(ids)) for ids, _ in sequences])
+    log_probs = np.asarray(_full_log_probs(*frozen, params, tokens))
+    return np.asarray(
+        [
+            sum(log_probs[row, t - 1, ids[t]] for t in range(prompt, len(ids)))
+            for row, (ids, prompt) in enumerate(sequences)
+        ]
+    )
+
+
+def test_loss_is_minus_the_mean_of_reward_weighted_log_likelihoods(frozen):
+    params = _params(frozen[1])
+    advantages = [1.0, -1.0, 1.0, 0.5]
+    batch, sequences = _batch(advantages)  # four padding rows must not count
+
+    _, metrics = _gradients(frozen, params, batch)
+
+    log_likelihoods = _direct_log_likelihoods(frozen, params, sequences)
+    expected = -np.mean(np.asarray(advantages) * log_likelihoods)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-4)
+    np.testing.assert_allclose(metrics["log_likelihood"], log_likelihoods.mean(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["tokens"], np.mean([len(i) - p for i, p in sequences]))
+
+
+def test_zero_rewards_give_a_zero_gradient(frozen):
+    params = _params(frozen[1])
+    zero_grads, _ = _gradients(frozen, params, _batch([0.0, 0.0, 0.0])[0])
+    grads, _ = _gradients(frozen, params, _batch([1.0, 0.0, -1.0])[0])
+
+    for key in params:
+        np.testing.assert_array_equal(zero_grads[key], 0.0)
+        assert float(jnp.abs(grads[key]).max()) > 0
+
+
+@pytest.mark.parametrize("reward", [1.0, -1.0])
+def test_one_step_moves_the_log_likelihood_with_the_reward(frozen, reward):
+    weights, factors = frozen
+    params = _params(factors)
+    state = reinforce.init_state(params, RL)
+    batch, _ = _batch([reward], seed=3)
+    _, before = _gradients(frozen, params, batch)
+
+    options = reinforce.LossOptions.from_config(SVF, RL)
+    state, _ = reinforce.train_step(CONFIG, options, RL, state, weights, factors, batch)
+    _, after = _gradients(frozen, state.params, batch)
+
+    change = float(after["log_likelihood"] - before["log_likelihood"])
+    assert change * reward > 1e-3, change
+    assert int(state.step) == 1
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+def test_microbatched_gradients_equal_full_batch_gradients(stacked):
+    frozen = _frozen(stacked=stacked)
+    params = _params(frozen[1])
+    rl = dataclasses.replace(RL, kl_coeff=0.2, length_normalize=True)
+    batch, _ = _batch([1.0, -1.0, 0.5, -0.25, 1.0, 1.0, -1.0])
+
+    full, full_metrics = _gradients(frozen, params, batch, rl, num_microbatches=1)
+    for count in (4,) if stacked else (2,):
+        micro, micro_metrics = _gradients(frozen, params, batch, rl, num_microbatches=count)
+        for key in params:
+            np.testing.assert_allclose(micro[key], full[key], rtol=1e-4, atol=1e-7)
+        for name, value in full_metrics.items():
+            np.testing.assert_allclose(micro_metrics[name], value, rtol=1e-5)
+    assert float(full_metrics["kl"]) > 0  # the spread-out z differs from the base model
+
+
+def test_kl_is_zero_at_the_base_model_and_penalizes_departures(frozen):
+    factors = frozen[1]
+    rl = dataclasses.replace(RL, kl_coeff=1.0)
+    batch, _ = _batch([0.0, 0.0])
+    uniform = {key: jnp.zeros_like(p) for key, p in _params(factors).items()}  # z = 0.5: W' = W
+
+    _, at_base = _gradients(frozen, uniform, batch, rl)
+    _, away = _gradients(frozen, _params(factors, spread=1.0), batch, rl)
+
+    assert abs(float(at_base["kl"])) < 1e-4
+    assert float(away["kl"]) > 1e-3
+    np.testing.assert_allclose(away["loss"], away["kl"], rtol=1e-5)  # zero rewards: only the KL
+
+
+def test_eight_device_step_equals_one_device_step():
+    assert len(jax.devices()) == 8
+    rl = dataclasses.replace(RL, kl_coeff=0.1)
+    advantages = [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.0, 1.0]
+    results = []
+    for mesh_config, devices in ((MeshConfig((2, 4, 1)), None), (MeshConfig((1, 1, 1)), 1)):
+        mesh = parallel.make_mesh(mesh_config, jax.devices()[:devices] if devices else None)
+        weights, factors = _frozen(mesh)
+        params = jax.device_put(_params(factors), parallel.replicated(mesh))
+        host = reinforce.assemble_batch(
+            _sequences(8), np.asarray(advantages, np.float32), chunk=rl.logprob_chunk, rows=8
+        )
+        batch = reinforce.place_batch(host, mesh)
+        state = reinforce.init_state(params, rl)
+        options = reinforce.LossOptions.from_config(SVF, rl)
+        state, metrics = reinforce.train_step(
+            CONFIG, options, rl, state, weights, factors, batch, 2
+        )
+        results.append((state, metrics, weights, batch))
+
+    (sharded, sharded_metrics, weights, batch), (single, single_metrics, _, _) = results
+    assert len(weights.embed.sharding.device_set) == 8  # really spread over the mesh
+    assert not weights.embed.sharding.is_fully_replicated
+    assert len(batch.tokens.sharding.device_set) == 8
+    for key in single.params:
+        np.testing.assert_allclose(sharded.params[key], single.params[key], rtol=1e-5, atol=1e-6)
+    for name, value in single_metrics.items():
+        np.testing.assert_allclose(sharded_metrics[name], value, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side.
+
+
+def test_advantages():
+    rewards = np.asarray([1.0, -1.0, -1.0, -1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(reinforce.compute_advantages(rewards, 3, "none"), rewards)
+    normalized = reinforce.compute_advantages(rewards, 3, "normalize")
+    assert abs(normalized.mean()) < 1e-6 and abs(normalized.std() - 1.0) < 1e-4
+    loo = reinforce.compute_advantages(rewards, 3, "leave_one_out")
+    np.testing.assert_allclose(loo, [2.0, -1.0, -1.0, -2.0, 1.0, 1.0])
+
+
+def test_batch_schedule_is_the_official_draw_without_replacement():
+    schedule = reinforce.batch_schedule(50, 8, 4, seed=42)
+    rng = np.random.RandomState(42)
+    for row in schedule:
+        np.testing.assert_array_equal(row, rng.choice(50, 8, replace=False))
+        assert len(set(row.tolist())) == 8
+    assert reinforce.batch_schedule(5, 8, 2, seed=42).shape == (2, 5)  # capped at the data
+
+
+def test_completion_tokens_retokenized_or_sampled_exclude_stop_text():
+    tokenizer = tiny.tiny_tokenizer()
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    completion = "The answer is 4."
+    # Stop strings are checked between decode chunks, so sampled ids run past the stop string.
+    sampled = tokenizer.encode(completion + " Response: more", add_special_tokens=False)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+
+    retokenized, start = reinforce.sequence_tokens(
+        tokenizer, prompt, completion, sampled, "retokenize"
+    )
+    exact, exact_start = reinforce.sequence_tokens(
+        tokenizer, prompt, completion, sampled, "sampled"
+    )
+
+    assert start == exact_start == len(prompt_ids)
+    assert retokenized == tokenizer.encode(prompt + completion, add_special_tokens=False)
+    assert tokenizer.decode(exact[start:]) == completion
+    assert exact == prompt_ids + sampled[: len(exact) - start]
+
+
+def test_batch_layout_masks_only_completion_tokens():
+    sequences = [([5, 6, 7, 8, 9], 3), ([1, 2], 1)]
+    batch = reinforce.assemble_batch(sequences, np.asarray([1.0, -1.0]), chunk=4, rows=4)
+
+    assert batch.tokens.shape == (4, 8)  # 5 tokens -> 2 chunks of 4 -> power of two
+    np.testing.assert_array_equal(batch.tokens[0, 3:], [5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(batch.completion_mask[0], [0, 0, 0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(batch.completion_mask[1], [0, 0, 0, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(batch.row_mask, [True, True, False, False])
+    np.testing.assert_array_equal(batch.advantages, [1.0, -1.0, 0.0, 0.0])
+    assert reinforce.padded_length(9, 4) == 16 and reinforce.padded_length(1, 4) == 4
+    assert reinforce.microbatch_layout(10, 3, 2) == (12, 3)  # microbatches of 4 rows
+    assert reinforce.microbatch_layout(10, None, 8) == (16, 1)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw_cosine"])
+def test_optimizers(optimizer):
+    rl = RLConfig(lr=0.1, max_grad_norm=1e-3, optimizer=optimizer, num_iters=10, weight_decay=0.0)
+    params = {"mlp.up_proj": jnp.zeros((2, 3))}
+    grads = {"mlp.up_proj": jnp.full((2, 3), 5.0)}
+    transform = reinforce.make_optimizer(rl)
+    opt_state = transform.init(params)
+    sizes = []
+    for _ in range(rl.num_iters):
+        updates, opt_state = transform.update(grads, opt_state, params)
+        sizes.append(float(optax.tree.norm(updates)) / np.sqrt(6))
+    # Adam's normalized step is lr whatever the clipping; the cosine schedule decays it to 0.
+    if optimizer == "adam":
+        np.testing.assert_allclose(sizes, 0.1, rtol=1e-3)
+    else:
+        assert sizes[0] == pytest.approx(0.1, rel=1e-3) and sizes[-1] < 0.01
