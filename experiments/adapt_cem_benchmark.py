@@ -1,0 +1,146 @@
+"""Wall time of one few-shot CEM generation: batched vs sequential (issue 6, spec section 4.4).
+
+One generation scores `--population` candidates (mixtures of three experts, drawn by the official
+CEM from alpha = 1/K, per-matrix) on `--shots` shots of a task:
+  * batched: every candidate x shot row in ONE sampler call, one z per row (factored SVF);
+  * sequential: the official shape, for each candidate: merge its W' (recompose), then generate
+    its shots (one sampler call per candidate, the base model's decode cost).
+Both go through `adapt.score_population` (generation + scoring, tie-break off so both do the same
+work) in the same process; each is run once after a compile run of the same shapes with one new
+token. The completions of both are compared.
+
+Without `--experts`, three random but valid experts are used (p = 0.1 + 0.5 N(0, 1), z =
+sigmoid(p)), which change the model about as much as trained ones.
+
+    nice -n 19 python experiments/adapt_cem_benchmark.py [--model smollm2-135m-instruct]
+        [--task arc_challenge] [--shots 10] [--population 32] [--max-new-tokens 64]
+        [--experts math=m.safetensors,code=c.safetensors,reasoning=r.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from t2jax import adapt, adapt_cli, cem, svd
+from t2jax import experts as experts_lib
+from t2jax import svf as svf_lib
+from t2jax.loading import load_model
+from t2jax.tasks import get_task, render_prompt
+
+
+def seconds(run: Callable[[], object]) -> tuple[float, object]:
+    """Wall time of one call of `run`, and its result."""
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def random_experts(loaded, names) -> dict[str, experts_lib.Expert]:
+    """Random valid experts for the model's MLP targets (distinct seeds)."""
+    fingerprint = svd.fingerprint(loaded.config, loaded.checkpoint.tensors)
+    shapes = svd.svf_param_shapes(loaded.config, svd.TARGET_SETS["mlp"])
+    return {
+        name: experts_lib.expert_from_params(
+            svf_lib.init_params(jax.random.key(seed), shapes, std=0.5), fingerprint=fingerprint
+        )
+        for seed, name in enumerate(names)
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--task", default="arc_challenge")
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--population", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--experts", default=None, help="NAME=PATH,... (default: random experts)")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, progress=False)
+    if args.experts:
+        paths = adapt_cli.parse_expert_paths(args.experts)
+        experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
+    else:
+        experts = random_experts(loaded, ("math", "code", "reasoning"))
+    model = adapt.build_expert_model(loaded, experts, progress=False)
+    task = get_task(args.task)
+    items = task.load("test")
+    shot_indices, _ = adapt.few_shot_split(task.name, len(items), args.shots)
+    shots = [items[i] for i in shot_indices]
+    prompts = [render_prompt(task, shot, loaded.tokenizer) for shot in shots]
+
+    alpha = adapt.initial_alpha(model, "per_matrix")
+    strategy = cem.CEM(args.population, alpha)
+    state = strategy.init(jax.random.key(0), alpha, strategy.default_params)
+    population, _ = strategy.ask(jax.random.key(1), state, strategy.default_params)
+    basis = adapt.mixing_basis(model, "z")
+    z_population = adapt.mix_population(basis, population, False, model.targets)
+    candidates = [
+        {k: v[p : p + 1] for k, v in z_population.items()} for p in range(args.population)
+    ]
+
+    def score(z, max_new_tokens):
+        return adapt.score_population(
+            model,
+            task,
+            shots,
+            prompts,
+            z,
+            max_new_tokens=max_new_tokens,
+            stop_strings=task.stop_strings,
+            tie_break=False,
+        )
+
+    def sequential(max_new_tokens):
+        return [score(z, max_new_tokens) for z in candidates]
+
+    score(z_population, 1), score(candidates[0], 1)  # compile both shapes
+    batched_seconds, batched = seconds(lambda: score(z_population, args.max_new_tokens))
+    sequential_seconds, alone = seconds(lambda: sequential(args.max_new_tokens))
+    first = {k: v[0] for k, v in z_population.items()}
+
+    def merge_first():
+        return jax.block_until_ready(svd.merge_into_weights(model.weights, model.factors, first))
+
+    merge_first()  # compile
+    merge_seconds, _ = seconds(merge_first)
+
+    rows = args.population * args.shots
+    same = sum(
+        a == b
+        for p, single in enumerate(alone)
+        for a, b in zip(single.texts[0], batched.texts[p], strict=True)
+    )
+    lengths = [len(ids) for ids in model.sampler.encode(prompts)]
+    dtype = jnp.dtype(model.weights.embed.dtype).name
+    origin = "from files" if args.experts else "(random, valid)"
+    print(
+        f"\n{args.model} on {jax.devices()[0].platform} ({dtype}); "
+        f"{len(experts)} experts {origin}; "
+        f"{args.task}: {args.shots} shots (prompt tokens {min(lengths)}-{max(lengths)}), "
+        f"population {args.population}, max {args.max_new_tokens} new tokens\n"
+    )
+    print(f"{'approach':<44}{'calls':>6}{'rows/call':>10}{'seconds':>10}{'speedup':>9}")
+    print(
+        f"{'batched: one call, one z per row (factored)':<44}{1:>6}{rows:>10}"
+        f"{batched_seconds:>10.1f}{1.0:>9.2f}"
+    )
+    print(
+        f"{'sequential: merge + generate per candidate':<44}{args.population:>6}"
+        f"{args.shots:>10}{sequential_seconds:>10.1f}"
+        f"{sequential_seconds / batched_seconds:>9.2f}"
+    )
+    print(f"\nmerge of one candidate's W' (part of sequential): {merge_seconds:.2f} s")
+    print(f"identical completions, batched vs sequential: {same}/{rows}")
+    accuracy = [round(float(a), 2) for a in batched.accuracy]
+    print(f"candidate accuracies (batched): {accuracy}")
+
+
+if __name__ == "__main__":
+    main()
