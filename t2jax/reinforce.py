@@ -679,7 +679,9 @@ class Trainer:
         if path.exists():
             previous = json.loads(path.read_text())
             for section in ("model", "task", "svf", "rl"):
-                if previous.get(section) != resolved[section]:
+                if _without_locations(previous.get(section)) != _without_locations(
+                    resolved[section]
+                ):
                     raise ConfigError(
                         f"{self.workdir} holds a run with a different {section} config; resume it "
                         f"with the same config or use another run.workdir"
@@ -711,7 +713,7 @@ class Trainer:
             logger.info("resuming %s from step %d", self.workdir, start)
         best = Best(meta["best_accuracy"], meta["best_step"])
         elapsed = meta.get("elapsed_s", 0.0)
-        logger_ = metrics_lib.MetricsLogger(
+        recorder = metrics_lib.MetricsLogger(
             self.workdir,
             enabled=self.is_main,
             tensorboard=self.config.run.tensorboard,
@@ -720,15 +722,15 @@ class Trainer:
         try:
             if start == 0 and latest is None and self.config.run.eval_base:
                 base = self._evaluate(_uniform_z(self.setup.factors), 0)
-                logger_.write(0, base)
-            tree, best, elapsed = self._loop(tree, best, start, elapsed, logger_)
+                recorder.write(0, base)
+            tree, best, elapsed = self._loop(tree, best, start, elapsed, recorder)
         finally:
-            logger_.close()
+            recorder.close()
         summary = self._finish(tree, best, elapsed)
         self.checkpoints.close()
         return summary
 
-    def _loop(self, tree, best: Best, start: int, elapsed: float, logger_):
+    def _loop(self, tree, best: Best, start: int, elapsed: float, recorder):
         rl = self.config.rl
         bar = tqdm.tqdm(
             total=rl.num_iters,
@@ -751,7 +753,7 @@ class Trainer:
                     self._export(tree["best_params"], BEST_EXPERT_FILE)
             elapsed += time.perf_counter() - began
             record.update({"best/valid_accuracy": best.accuracy, "best/step": best.step or 0})
-            logger_.write(step, record)
+            recorder.write(step, record)
             if step % self.config.run.checkpoint_every == 0 or step == rl.num_iters:
                 meta = {
                     "best_accuracy": best.accuracy,
@@ -878,6 +880,14 @@ class Trainer:
             )
             metrics_lib.write_json(self.workdir / SUMMARY_FILE, summary)
         return summary
+
+
+def _without_locations(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config section without the fields that only say where files are (a run may resume on
+    another machine with its data and SVD cache elsewhere)."""
+    if section is None:
+        return None
+    return {key: value for key, value in section.items() if key not in ("data_dir", "cache_dir")}
 
 
 def paired_comparison(base_dir: pathlib.Path, other_dir: pathlib.Path) -> dict[str, float] | None:
