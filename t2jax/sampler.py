@@ -21,7 +21,7 @@ import numpy as np
 
 from t2jax import model as model_lib
 from t2jax.config import ModelConfig, SamplerConfig
-from t2jax.svf import ModelSVF
+from t2jax.svf import ModelSVF, pad_expert_rows
 
 Array = jax.Array
 
@@ -258,6 +258,8 @@ class Sampler:
         rows = -(-len(token_lists) // self.batch_multiple) * self.batch_multiple
         length = bucket_length(max(map(len, token_lists)), self.sampler_config.prompt_buckets)
         ids, mask = left_pad(token_lists, length, rows)
+        if svf is not None:
+            svf = pad_expert_rows(svf, rows)  # per-row experts follow the batch padding
         ids, mask = self._place(ids), self._place(mask)
         key = jax.random.key(seed)
         temperature_array = jnp.asarray(temperature, jnp.float32)
