@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from t2jax import cem as cem_lib
 from t2jax import experts as experts_lib
-from t2jax import logprobs, svd
+from t2jax import logprobs, reports, svd
 from t2jax import model as model_lib
 from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig
@@ -432,6 +432,7 @@ class FewShotConfig:
         normalize: divide alpha by its sum over experts (official scripts: no).
         tie_break: break accuracy ties by the mean log-likelihood of the correct answers.
         seed: PRNG seed of the search.
+        split_seed: seed of the shots / reported items split (None: the task's official seed).
         rows_per_call: rows per sampler call when scoring a generation (None: all P x N at once).
         logprob_batch_size: rows per teacher-forced pass of the tie-break.
     """
@@ -446,6 +447,7 @@ class FewShotConfig:
     normalize: bool = False
     tie_break: bool = True
     seed: int = 0
+    split_seed: int | None = None
     rows_per_call: int | None = None
     logprob_batch_size: int = 16
 
@@ -475,6 +477,18 @@ def few_shot_split(
     if shots >= count:
         raise AdaptError(f"{shots} shots leave nothing to report out of {count} items")
     return seeded_shuffle_split(count, shots, seed)
+
+
+def split_items(
+    task_name: str, items: Sequence[Example], config: FewShotConfig
+) -> tuple[list[Example], list[Example]]:
+    """(shots, reported items) of a task's evaluation split: the few-shot split with
+    `config.split_seed` or the task's official seed; without either, no shots and every item."""
+    seed = FEW_SHOT_SEEDS.get(task_name) if config.split_seed is None else config.split_seed
+    if seed is None:
+        return [], list(items)
+    shot_indices, rest = few_shot_split(task_name, len(items), config.shots, seed)
+    return [items[i] for i in shot_indices], [items[i] for i in rest]
 
 
 def mixing_basis(model: ExpertModel, space: experts_lib.MixSpace) -> dict[str, Array]:
@@ -835,6 +849,74 @@ def adapt(
     )
 
 
+def evaluate_method(
+    model: ExpertModel,
+    method: str,
+    task: Task,
+    items: Sequence[Example],
+    options: AdaptOptions,
+    *,
+    limit: int | None = None,
+    progress: bool = False,
+) -> AdaptRun:
+    """One cell of Table 2: the base model ("base") or a strategy on a task's items.
+
+    Every method answers the same items: the first `limit` of those left after taking the
+    few-shot shots (`split_items`), which is what the few-shot strategy reports on; prompts are
+    rendered with the model's chat template (or the official templates with
+    `options.official_quirks`).
+
+    Args:
+        model: the model and its experts (and the classifier for "cls").
+        method: "base", "prompt", "cls" or "fewshot".
+        task: the task (MATH, HumanEval and ARC-Challenge have official few-shot seeds).
+        items: its evaluation split, in the official order.
+        options: settings (generation budget and stop strings of the task).
+        limit: answer only the first `limit` reported items.
+        progress: show the CEM progress bar.
+    """
+    shots, reported = split_items(task.name, items, options.few_shot)
+    examples = reported[:limit]
+    tokenizer = model.sampler.tokenizer
+
+    def render(example: Example) -> str:
+        return render_prompt(task, example, tokenizer, options.official_quirks)
+
+    prompts = [render(example) for example in examples]
+    if method != "base":
+        shot_prompts = [render(shot) for shot in shots]
+        return adapt(
+            model,
+            method,
+            examples,
+            prompts,
+            options,
+            task=task,
+            shots=shots,
+            shot_prompts=shot_prompts,
+            progress=progress,
+        )
+    start = time.perf_counter()
+    generation = generate_rows(
+        model,
+        prompts,
+        [None],
+        [0] * len(prompts),
+        max_new_tokens=options.max_new_tokens,
+        stop_strings=options.stop_strings,
+        rows_per_call=options.rows_per_call,
+    )
+    return AdaptRun(
+        strategy="base",
+        examples=tuple(examples),
+        prompts=tuple(prompts),
+        outputs=tuple(generation.texts),
+        routes=(None,) * len(examples),
+        first_pass_seconds=0.0,
+        second_pass_seconds=time.perf_counter() - start,
+    )
+
+
 def score_run(run: AdaptRun, task: Task | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Per-request records and a summary of a run (scored when `task` is given).
 
@@ -886,3 +968,12 @@ def score_run(run: AdaptRun, task: Task | None = None) -> tuple[list[dict], dict
             history=run.few_shot.history,
         )
     return records, summary
+
+
+def dispatch_confusion(runs: Mapping[str, AdaptRun]) -> np.ndarray:
+    """Confusion counts [3, 4] of dispatch runs keyed by task name (see
+    `reports.confusion_counts`): the true category of each task's items is the expertise the
+    task needs (`CATEGORY_OF_TASK`)."""
+    truth = [CATEGORY_OF_TASK[name] for name, run in runs.items() for _ in run.examples]
+    predicted = [category for run in runs.values() for category in run.dispatch.categories]
+    return reports.confusion_counts(truth, predicted)

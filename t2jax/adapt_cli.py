@@ -7,10 +7,12 @@
     t2jax adapt ... --strategy cls --cls-expert cls.safetensors --prompt "Write a Python function"
     t2jax adapt ... --strategy fewshot --task math --shots 10 --generations 50 --limit 200
 
-With --task, "prompt" and "cls" answer the split's first --limit items; "fewshot" adapts on the
-official shots of the split (seeds: MATH 27, HumanEval 16, ARC-Challenge 38) and answers the first
---limit remaining items, or the --prompt texts when given. Writes samples.jsonl, summary.json and
-summary.md to --out, plus confusion.png (dispatch on a task) or alpha.png (few-shot).
+With --task, every strategy answers the first --limit items left after taking the few-shot shots
+of the split (official seeds: MATH 27, HumanEval 16, ARC-Challenge 38; other tasks: every item
+unless --few-shot-seed is given), the items the few-shot strategy reports on; "fewshot" adapts on
+those shots. With --prompt, the texts are answered instead (fewshot still adapts on the task).
+Writes samples.jsonl, summary.json and summary.md to --out, plus confusion.png (dispatch on a
+task) or alpha.png (few-shot).
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def _run_adapt(args: argparse.Namespace) -> int:
     from t2jax import adapt
     from t2jax import experts as experts_lib
-    from t2jax.cli import load_model_from_args, render_chat
-    from t2jax.tasks import Example, get_task, render_prompt
+    from t2jax.cli import load_model_from_args
+    from t2jax.tasks import get_task
 
     _check_arguments(args)
     expert_paths = parse_expert_paths(args.experts)
@@ -118,26 +120,39 @@ def _run_adapt(args: argparse.Namespace) -> int:
     model = adapt.build_expert_model(
         loaded, experts, classifier, cache_root=args.cache_dir, progress=not args.no_progress
     )
-    tokenizer = loaded.tokenizer
     options = _options(args, task)
-
-    shots = examples = ()
-    if task is not None:
-        items = task.load(args.split, data_dir=args.data_dir)
-        if args.strategy == "fewshot":
-            shot_indices, rest = adapt.few_shot_split(
-                task.name, len(items), args.shots, args.few_shot_seed
-            )
-            shots, items = [items[i] for i in shot_indices], [items[i] for i in rest]
-        examples = items[: args.limit]
+    items = task.load(args.split, data_dir=args.data_dir) if task is not None else []
+    progress = not args.no_progress
     if args.prompt:
-        examples = [Example(f"prompt/{i}", text, None) for i, text in enumerate(args.prompt)]
-        prompts = [render_chat(tokenizer, text) for text in args.prompt]
+        run = _answer_prompts(model, args, task, items, options)
     else:
-        prompts = [render_prompt(task, e, tokenizer, args.official_quirks) for e in examples]
-    shot_prompts = [render_prompt(task, e, tokenizer, args.official_quirks) for e in shots]
+        run = adapt.evaluate_method(
+            model, args.strategy, task, items, options, limit=args.limit, progress=progress
+        )
+    records, summary = adapt.score_run(run, task if not args.prompt else None)
+    out = pathlib.Path(args.out or _default_out(args))
+    _write(out, records, summary)
+    _plot(out, run, args.task)
+    keys = ("strategy", "task", "n", "accuracy", "first_pass_seconds", "second_pass_seconds")
+    print(json.dumps({key: summary[key] for key in keys if key in summary}))
+    print(f"records: {out}")
+    return 0
 
-    run = adapt.adapt(
+
+def _answer_prompts(model, args: argparse.Namespace, task, items, options):
+    """The --prompt texts (chat template) as requests; few-shot adapts on the task's shots."""
+    from t2jax import adapt
+    from t2jax.cli import render_chat
+    from t2jax.tasks import Example, render_prompt
+
+    tokenizer = model.sampler.tokenizer
+    examples = [Example(f"prompt/{i}", text, None) for i, text in enumerate(args.prompt)]
+    prompts = [render_chat(tokenizer, text) for text in args.prompt]
+    shots = []
+    if args.strategy == "fewshot":  # `_check_arguments` made sure there is a task
+        shots = adapt.split_items(task.name, items, options.few_shot)[0]
+    shot_prompts = [render_prompt(task, e, tokenizer, args.official_quirks) for e in shots]
+    return adapt.adapt(
         model,
         args.strategy,
         examples,
@@ -148,14 +163,6 @@ def _run_adapt(args: argparse.Namespace) -> int:
         shot_prompts=shot_prompts,
         progress=not args.no_progress,
     )
-    records, summary = adapt.score_run(run, task if not args.prompt else None)
-    out = pathlib.Path(args.out or _default_out(args))
-    _write(out, records, summary)
-    _plot(out, run, args.task)
-    keys = ("strategy", "task", "n", "accuracy", "first_pass_seconds", "second_pass_seconds")
-    print(json.dumps({key: summary[key] for key in keys if key in summary}))
-    print(f"records: {out}")
-    return 0
 
 
 def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported lazily)
@@ -171,6 +178,7 @@ def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported
         mix_space=args.mix_space,
         tie_break=not args.no_tie_break,
         seed=args.seed,
+        split_seed=args.few_shot_seed,
         rows_per_call=args.rows_per_call,
     )
     default_tokens = task.max_new_tokens if task is not None else 512
@@ -206,8 +214,7 @@ def _plot(out: pathlib.Path, run, task_name: str | None) -> None:
     from t2jax import adapt, reports
 
     if run.dispatch is not None and task_name in adapt.CATEGORY_OF_TASK:
-        truth = [adapt.CATEGORY_OF_TASK[task_name]] * len(run.dispatch.categories)
-        counts = reports.confusion_counts(truth, run.dispatch.categories)
+        counts = adapt.dispatch_confusion({task_name: run})
         reports.plot_confusions({run.strategy: counts}, out / "confusion.png")
     if run.few_shot is not None:
         alphas = {task_name: run.few_shot.alpha}

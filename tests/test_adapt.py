@@ -181,6 +181,13 @@ def test_official_few_shot_splits():
         adapt.few_shot_split("gsm8k", 100, 10)
 
 
+def test_split_items_without_an_official_seed_keeps_every_item():
+    items = ChecksumTask().load("test")
+    assert adapt.split_items("checksum", items, adapt.FewShotConfig(shots=2)) == ([], items)
+    shots, rest = adapt.split_items("checksum", items, adapt.FewShotConfig(shots=2, split_seed=1))
+    assert len(shots) == 2 and sorted(shots + rest, key=lambda e: e.id) == items
+
+
 def test_initial_alpha_and_mixing_spaces(setup):
     _, model = setup
     assert adapt.initial_alpha(model, "global").tolist() == pytest.approx([1 / 3] * 3)
@@ -291,6 +298,19 @@ def test_table2_markdown_json_and_plots(tmp_path):
 
     counts = reports.confusion_counts(["math", "math", "code"], ["math", "other", "code"])
     assert counts.tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
+    run = adapt.AdaptRun(
+        "prompt",
+        (Example("a", "q", None),) * 2,
+        ("p",) * 2,
+        ("o",) * 2,
+        (None,) * 2,
+        0.0,
+        0.0,
+        dispatch=adapt.Dispatch(categories=("code", "other"), outputs=("", "")),
+    )
+    assert adapt.dispatch_confusion({"humaneval": run}).tolist()[0] == [1, 0, 0, 1]
+    with pytest.raises(ValueError, match="cannot count"):
+        reports.confusion_counts(["physics"], ["math"])
     reports.plot_confusions({"base": counts, "cls-expert": counts}, tmp_path / "confusion.png")
     reports.plot_alpha(
         {"math": np.ones((3, 6)) / 3, "humaneval": np.asarray([0.1, 0.8, 0.3])},
@@ -348,6 +368,9 @@ def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy):
     assert summary["strategy"] == strategy and summary["n"] == 3
     assert summary["first_pass_seconds"] > 0 and summary["second_pass_seconds"] > 0
     assert (tmp_path / "confusion.png").exists()
+    items = get_task("arc_challenge").load("test")
+    _, rest = adapt.few_shot_split("arc_challenge", len(items), 10)
+    assert [r["id"] for r in records] == [items[i].id for i in rest[:3]]  # shots left out
 
 
 def test_two_pass_few_shot_on_a_task(setup, tmp_path):
@@ -392,6 +415,17 @@ def test_free_prompts_and_clear_errors(setup, tmp_path, capsys):
     assert status == 0
     record = json.loads((tmp_path / "samples.jsonl").read_text())
     assert record["id"] == "prompt/0" and "correct" not in record
+
+    status = adapt_command(
+        root,
+        tmp_path,
+        *("--strategy", "fewshot", "--task", "arc_challenge", "--prompt", "Sort a list."),
+        *("--shots", "2", "--generations", "1", "--population", "4", "--elite-ratio", "0.5"),
+        *("--alpha-shape", "global"),
+    )
+    assert status == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["routes"] == {"mixture": 1} and len(summary["alpha"]) == 3
 
     assert adapt_command(root, tmp_path, "--strategy", "cls", "--prompt", "x") == 2
     assert "--cls-expert" in capsys.readouterr().err
