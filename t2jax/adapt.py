@@ -185,9 +185,7 @@ def _sampler_over(sampler: Sampler, weights: model_lib.Weights) -> Sampler:
     )
 
 
-def _expert_table(
-    model: ExpertModel, choices: Sequence[svf_lib.ZVectors | None]
-) -> dict[str, Array]:
+def _expert_table(choices: Sequence[svf_lib.ZVectors | None]) -> dict[str, Array]:
     """{key: [C, L, R]}: the choices' z stacked, the base weights (None) as z = 1."""
     like = next(z for z in choices if z is not None)
     rows = [z if z is not None else {k: jnp.ones_like(v) for k, v in like.items()} for z in choices]
@@ -195,17 +193,12 @@ def _expert_table(
 
 
 def _per_row_svf(
-    model: ExpertModel, table: Mapping[str, Array], row_choice: Sequence[int], rows: int
+    model: ExpertModel, table: Mapping[str, Array], row_choice: Sequence[int]
 ) -> svf_lib.ModelSVF:
-    """Factored SVF with row i adapted by choice `row_choice[i]`, padded to `rows` rows."""
+    """Factored SVF with row i adapted by choice `row_choice[i]` (the sampler pads the rows)."""
     index = jnp.asarray(row_choice, jnp.int32)  # [B]
     z = {key: jnp.swapaxes(jnp.take(t, index, axis=0), 0, 1) for key, t in table.items()}
-    svf = svd.svf_from_factors(model.factors, z, "factored")  # z: {key: [L, B, R]}
-    return svf_lib.pad_expert_rows(svf, rows)
-
-
-def _padded_rows(sampler: Sampler, count: int) -> int:
-    return -(-count // sampler.batch_multiple) * sampler.batch_multiple
+    return svd.svf_from_factors(model.factors, z, "factored")  # z: {key: [L, B, R]}
 
 
 def generate_rows(
@@ -255,16 +248,16 @@ def generate_rows(
             for start in range(0, len(prompts), step)
         ]
         return _concatenate(calls)
-    table = _expert_table(model, choices)
+    table = _expert_table(choices)
     calls = []
     for start in range(0, len(prompts), step):
-        chunk = prompts[start : start + step]
-        svf = _per_row_svf(
-            model, table, row_choice[start : start + step], _padded_rows(model.sampler, len(chunk))
-        )
+        svf = _per_row_svf(model, table, row_choice[start : start + step])
         calls.append(
             model.sampler.generate(
-                chunk, max_new_tokens=max_new_tokens, stop_strings=stop_strings, svf=svf
+                prompts[start : start + step],
+                max_new_tokens=max_new_tokens,
+                stop_strings=stop_strings,
+                svf=svf,
             )
         )
     return _concatenate(calls)
@@ -318,7 +311,7 @@ def output_logprobs(
     if not sequences:
         return np.zeros(0, np.float32)
     length = bucket_length(max(map(len, sequences)), model.sampler.sampler_config.prompt_buckets)
-    table = _expert_table(model, [*choices, None])
+    table = _expert_table([*choices, None])
     results = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -329,7 +322,7 @@ def output_logprobs(
             target_mask[row, length - len(output) :] = len(output) > 0
         choice = list(row_choice[start : start + batch_size])
         choice += [len(choices)] * (batch_size - len(choice))  # padding rows: the base weights
-        svf = _per_row_svf(model, table, choice, batch_size)
+        svf = _per_row_svf(model, table, choice)
         means = _mean_target_logprob(
             model.config, model.weights, svf, tokens, mask, target_mask
         )  # [b]
@@ -371,11 +364,11 @@ def classify(
         raise AdaptError("strategy 'cls' needs a classification expert")
     tokenizer = model.sampler.tokenizer
     prompts = [classification_prompt(tokenizer, q, official_quirks) for q in questions]
-    weights = model.expert_z[CLASSIFIER] if use_classifier else None
+    first_pass_z = model.expert_z[CLASSIFIER] if use_classifier else None
     generation = generate_rows(
         model,
         prompts,
-        [weights],
+        [first_pass_z],
         [0] * len(prompts),
         max_new_tokens=max_new_tokens,
         stop_strings=_CLS_TASK.stop_strings,
