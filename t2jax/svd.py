@@ -599,18 +599,32 @@ def merge_into_weights(
 ) -> model_lib.Weights:
     """Weights whose target kernels are W'(z), materialized once (fp32, cast to the weights'
     dtype), so decoding with them runs at exactly the base model's cost. Dropped dense kernels
-    (see `drop_target_kernels`) come back as W'(z). W' inherits the factors' sharding (A shares the
-    kernel's input axis, B its output axis). Jit-able."""
+    (see `drop_target_kernels`) come back as W'(z). Jit-able. Outside jit, W' is placed like the
+    kernel it replaces; otherwise it inherits the factors' sharding (A shares the kernel's input
+    axis, B its output axis)."""
     svf = svf_from_factors(factors, z, "merged")
     dtype = weights.embed.dtype
     if model_lib.is_stacked(weights.layers):
         merged = _merged_stacked(_stacked_svf(svf.layers), dtype)
-        return dataclasses.replace(weights, layers={**weights.layers, **merged})
+        return dataclasses.replace(weights, layers=_with_kernels(weights.layers, merged))
     layers = tuple(
-        {**layer, **_merged_layer(model_lib.layer_slice(svf.layers, i), dtype)}
+        _with_kernels(layer, _merged_layer(model_lib.layer_slice(svf.layers, i), dtype))
         for i, layer in enumerate(weights.layers)
     )
     return dataclasses.replace(weights, layers=layers)
+
+
+def _with_kernels(layer: dict[str, Array], kernels: dict[str, Array]) -> dict[str, Array]:
+    """`layer` with `kernels` added or replacing entries, placed like the concrete arrays they
+    replace (under jit those are tracers without a sharding: propagation decides)."""
+
+    def placed(key: str, kernel: Array) -> Array:
+        old = layer.get(key)
+        if old is None or isinstance(old, jax.core.Tracer):
+            return kernel
+        return jax.device_put(kernel, old.sharding)
+
+    return {**layer, **{key: placed(key, kernel) for key, kernel in kernels.items()}}
 
 
 def drop_target_kernels(weights: model_lib.Weights, targets: Sequence[str]) -> model_lib.Weights:

@@ -222,7 +222,9 @@ def mix(
     alpha = jnp.asarray(alpha, jnp.float32)
     if normalize:
         alpha = alpha / jnp.sum(alpha, axis=0, keepdims=True)  # [K] or [K, M]
-    if alpha.shape == (num_experts,):
+    if alpha.ndim == 1:
+        if alpha.shape != (num_experts,):
+            raise SVFError(f"alpha has {alpha.shape[0]} entries for {num_experts} experts")
         per_key = {
             name: jnp.broadcast_to(alpha[:, None], (num_experts, num_layers)) for name in vectors
         }
@@ -247,8 +249,7 @@ def _per_matrix_alpha(
     expected = (num_experts, num_layers * len(order))
     if alpha.shape != expected:
         raise SVFError(
-            f"alpha must have shape [K]={expected[:1]} or [K, matrices]={expected}, "
-            f"got {alpha.shape}"
+            f"per-matrix alpha must have shape [K, matrices]={expected}, got {alpha.shape}"
         )
     by_layer = alpha.reshape(num_experts, num_layers, len(order))  # [K, L, T]
     return {name: by_layer[:, :, index] for index, name in enumerate(order)}  # [K, L]

@@ -121,6 +121,10 @@ def test_decomposition_on_8_device_mesh_equals_single_device(tiny):
 
     assert on_mesh.layers["mlp.up_proj"].a.sharding.mesh == mesh
     assert not on_mesh.layers["mlp.up_proj"].b.sharding.is_fully_replicated
+    merged = svd.merge_into_weights(sharded, on_mesh, _uniform_z(on_mesh, 1.0))
+    for key in ALL_TARGETS:
+        assert merged.layers[key].sharding == sharded.layers[key].sharding, key
+        np.testing.assert_allclose(merged.layers[key], sharded.layers[key], atol=2e-6)
     for layer in range(svf_tiny.CONFIG.num_layers):
         for key in ALL_TARGETS:
             expected = single.layers[layer][key]

@@ -203,10 +203,12 @@ def test_mixing_one_hot_per_matrix_normalized_and_jitted():
     np.testing.assert_allclose(mixed["mlp.up_proj"][0], experts[0]["mlp.up_proj"][0])
     np.testing.assert_allclose(mixed["self_attn.q_proj"][1], experts[0]["self_attn.q_proj"][1])
 
-    with pytest.raises(svf_lib.SVFError, match="alpha must have shape"):
+    with pytest.raises(svf_lib.SVFError, match="must have shape"):
         svf_lib.mix(stacked, jnp.ones((3, matrices + 1)), order=order)
     with pytest.raises(svf_lib.SVFError, match="matrix order"):
         svf_lib.mix(stacked, jnp.ones((3, matrices)))
+    with pytest.raises(svf_lib.SVFError, match="4 entries for 3 experts"):
+        svf_lib.mix(stacked, jnp.ones(4))
 
 
 def test_mismatched_z_is_a_clear_error(tiny_model):
