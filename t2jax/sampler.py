@@ -296,7 +296,7 @@ class Sampler:
                 key,
                 temperature_array,
                 top_p_array,
-                self.eos_ids,
+                eos_ids,
                 jnp.asarray(target, jnp.int32),
             )
             if stop_strings:

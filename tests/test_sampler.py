@@ -167,3 +167,14 @@ def test_batch_sharded_generation_equals_unsharded(tiny_model):
         batch_multiple=8,
     ).generate(PROMPTS, max_new_tokens=8)
     assert sharded.token_ids == _sampler(tiny_model).generate(PROMPTS, max_new_tokens=8).token_ids
+
+
+def test_ignore_eos_generates_the_full_budget(tiny_model):
+    free = _sampler(tiny_model).generate(PROMPTS, max_new_tokens=16)
+    end_ids = (free.token_ids[0][2], free.token_ids[1][1])
+    generation = _sampler(tiny_model, eos_ids=end_ids).generate(
+        PROMPTS, max_new_tokens=16, ignore_eos=True
+    )
+
+    assert generation.lengths == [16, 16, 16]
+    assert generation.token_ids == free.token_ids
