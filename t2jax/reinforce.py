@@ -388,9 +388,11 @@ def sequence_tokens(
 
 
 def padded_length(length: int, chunk: int) -> int:
-    """Sequence length of a batch: chunk * 2^k >= length (few distinct shapes to compile)."""
+    """Sequence length of a batch: the smallest chunk * m >= length with m in 1, 2, 3, 4, 6, 8,
+    12, 16, ... (steps of at most 1.5x: few distinct shapes to compile, at most 50% padding)."""
     chunks = max(1, math.ceil(length / chunk))
-    return chunk * (1 << (chunks - 1).bit_length())
+    power = 1 << (chunks - 1).bit_length()  # the next power of two >= chunks
+    return chunk * (power * 3 // 4 if chunks <= power * 3 // 4 else power)
 
 
 def assemble_batch(

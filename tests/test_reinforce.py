@@ -255,7 +255,8 @@ def test_batch_layout_masks_only_completion_tokens():
     np.testing.assert_array_equal(batch.completion_mask[1], [0, 0, 0, 0, 0, 0, 0, 1])
     np.testing.assert_array_equal(batch.row_mask, [True, True, False, False])
     np.testing.assert_array_equal(batch.advantages, [1.0, -1.0, 0.0, 0.0])
-    assert reinforce.padded_length(9, 4) == 16 and reinforce.padded_length(1, 4) == 4
+    lengths = [reinforce.padded_length(n, 4) for n in (1, 4, 5, 9, 12, 13, 17, 25, 33, 49)]
+    assert lengths == [4, 4, 8, 12, 12, 16, 24, 32, 48, 64]
     assert reinforce.microbatch_layout(10, 3, 2) == (12, 3)  # microbatches of 4 rows
     assert reinforce.microbatch_layout(10, None, 8) == (16, 1)
 
