@@ -317,34 +317,18 @@ def check_shapes(expert: Expert, config: ModelConfig) -> None:
     Raises:
         ExpertError: a mismatch, naming the matrices that differ.
     """
-    if expert.num_layers != config.num_layers:
-        raise ExpertError(
-            f"the expert has {expert.num_layers} layers, the model {config.num_layers}"
-        )
-    expected = svd.svf_param_shapes(config, expert.targets)
-    wrong = {
-        key: (rank, expected[key][1])
-        for key, rank in expert.ranks().items()
-        if rank != expected[key][1]
-    }
-    if wrong:
-        details = ", ".join(f"{key}: {have} vs {want}" for key, (have, want) in wrong.items())
-        raise ExpertError(f"expert ranks do not match the model's singular values ({details})")
+    shapes = svd.svf_param_shapes(config, expert.targets)
+    _check_ranks(expert, config.num_layers, {key: rank for key, (_, rank) in shapes.items()})
 
 
 def check_compatible(
-    expert: Expert,
-    factors: svd.ModelFactors,
-    config: ModelConfig,
-    *,
-    allow_other_model: bool = False,
+    expert: Expert, factors: svd.ModelFactors, *, allow_other_model: bool = False
 ) -> None:
     """Checks that an expert can be applied with these factors.
 
     Args:
         expert: the expert.
         factors: the model's SVD factors.
-        config: the model's architecture.
         allow_other_model: accept an expert whose fingerprint names another model (cross-model
             use; shapes must still match). Prefer `transfer`, which records the new model.
 
@@ -357,9 +341,18 @@ def check_compatible(
             f"the expert adapts {list(expert.targets)} but the factors cover "
             f"{list(factors.targets)}"
         )
-    check_shapes(expert, config)
+    _check_ranks(expert, factors.num_layers, factors.ranks())
     if not allow_other_model:
         svd.check_fingerprint(expert.fingerprint, factors.fingerprint, "this expert")
+
+
+def _check_ranks(expert: Expert, num_layers: int, ranks: Mapping[str, int]) -> None:
+    if expert.num_layers != num_layers:
+        raise ExpertError(f"the expert has {expert.num_layers} layers, the model {num_layers}")
+    wrong = {key: (rank, ranks[key]) for key, rank in expert.ranks().items() if rank != ranks[key]}
+    if wrong:
+        details = ", ".join(f"{key}: {have} vs {want}" for key, (have, want) in wrong.items())
+        raise ExpertError(f"expert ranks do not match the model's singular values ({details})")
 
 
 def mix_experts(

@@ -253,10 +253,10 @@ def decompose(
         progress: show a progress bar.
     """
     computed = {
-        (layer, key): factor
+        (layer, key): _cast(factor, dtype)  # cast as they come: bf16 halves host memory
         for layer, key, factor in _decompositions(config, kernel_of, targets, mesh, progress)
     }
-    return _assemble(config, targets, computed, fingerprint, stacked, dtype, mesh)
+    return _assemble(config, targets, computed, fingerprint, stacked, mesh)
 
 
 def _decompositions(
@@ -287,16 +287,14 @@ def _assemble(
     factors: Mapping[tuple[int, str], Factor],
     fingerprint: str,
     stacked: bool | None,
-    dtype: Any,
     mesh: jax.sharding.Mesh | None,
 ) -> ModelFactors:
-    """Per-kernel host factors -> device `ModelFactors` in the requested layout and dtype."""
+    """Per-kernel host factors -> device `ModelFactors` in the requested layout."""
     stacked = model_lib.default_layout_is_stacked() if stacked is None else stacked
     targets = resolve_targets(targets)
 
     def place(key: str, factor: Factor) -> Factor:
         def put(part: str, array: np.ndarray) -> Array:
-            array = array.astype(np.float32 if part == "s" else dtype)
             if mesh is None:
                 return jnp.asarray(array)
             return jax.device_put(array, factor_sharding(key, part, array.shape, mesh))
@@ -315,6 +313,11 @@ def _assemble(
             for layer in range(config.num_layers)
         )
     return ModelFactors(layers=layers, fingerprint=fingerprint)
+
+
+def _cast(factor: Factor, dtype: Any) -> Factor:
+    """A and B in `dtype`, s in fp32 (host arrays)."""
+    return Factor(a=factor.a.astype(dtype), s=factor.s.astype(np.float32), b=factor.b.astype(dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,8 +441,8 @@ def load_factors(
                     raise SVDError(f"{item.name} is not in the SVD cache {directory}")
                 factor = Factor(**checkpointer.restore(item))
                 _check_factor_shapes(factor, kernel_shape(config, key), item.name)
-                factors[layer, key] = factor
-    return _assemble(config, targets, factors, fingerprint, stacked, dtype, mesh)
+                factors[layer, key] = _cast(factor, dtype)
+    return _assemble(config, targets, factors, fingerprint, stacked, mesh)
 
 
 def cached_factors(

@@ -96,17 +96,17 @@ def test_compatibility_checks(tmp_path):
     tensors, _, fingerprint = svf_tiny.model(seed=0)
     factors = svf_tiny.factors(tensors, fingerprint)
     mine = dataclasses.replace(_expert(0), fingerprint=fingerprint)
-    experts_lib.check_compatible(mine, factors, CONFIG)
+    experts_lib.check_compatible(mine, factors)
 
     other_model = _expert(0)
     with pytest.raises(svd.FingerprintError, match="another model"):
-        experts_lib.check_compatible(other_model, factors, CONFIG)
-    experts_lib.check_compatible(other_model, factors, CONFIG, allow_other_model=True)
+        experts_lib.check_compatible(other_model, factors)
+    experts_lib.check_compatible(other_model, factors, allow_other_model=True)
     unknown = dataclasses.replace(other_model, fingerprint=None)
-    experts_lib.check_compatible(unknown, factors, CONFIG)
+    experts_lib.check_compatible(unknown, factors)
 
     with pytest.raises(experts_lib.ExpertError, match="factors cover"):
-        experts_lib.check_compatible(_expert(0, svd.resolve_targets("qv")), factors, CONFIG)
+        experts_lib.check_compatible(_expert(0, svd.resolve_targets("qv")), factors)
     deeper = dataclasses.replace(CONFIG, num_layers=CONFIG.num_layers + 1)
     with pytest.raises(experts_lib.ExpertError, match="layers"):
         experts_lib.check_shapes(mine, deeper)

@@ -155,6 +155,13 @@ def test_cache_round_trip_resume_and_fingerprint_check(tiny, tmp_path):
     expected = in_memory.select(svd.TARGET_SETS["mlp"])
     jax.tree.map(np.testing.assert_array_equal, loaded.layers, expected.layers)
 
+    in_bf16 = svd.load_factors(
+        tmp_path, svf_tiny.CONFIG, "mlp", fingerprint=fingerprint, stacked=False, dtype=jnp.bfloat16
+    )
+    assert jax.tree.map(lambda x: x.dtype.name, in_bf16.layers[0]["mlp.up_proj"]) == svd.Factor(
+        a="bfloat16", s="float32", b="bfloat16"
+    )
+
     reads.clear()  # an interrupted run resumes: only missing kernels are decomposed
     svd.decompose_to_cache(
         svf_tiny.CONFIG, counting_source, "all", tmp_path, fingerprint=fingerprint, progress=False
