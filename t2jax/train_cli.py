@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
+import typing
 
 from t2jax import parallel, rl_config
 
@@ -34,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"--config.{path}",
             dest=_OVERRIDE_PREFIX + path,
             default=None,
-            metavar=getattr(annotation, "__name__", "VALUE").upper(),
+            metavar=_metavar(annotation),
         )
     train.add_argument(
         "--distributed",
@@ -51,6 +53,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="validate the configs and write the manifest only"
     )
     sweep.set_defaults(func=_run_sweep)
+
+
+def _metavar(annotation) -> str:
+    """How a field's values are written: INT, FLOAT|NONE, INT,INT,..., sigmoid|plain."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "|".join(map(str, args))
+    if origin is tuple:
+        return f"{_metavar(args[0])},..."
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_metavar(arg) for arg in args if arg is not type(None)) + "|NONE"
+    return annotation.__name__.upper()
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
