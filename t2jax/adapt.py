@@ -157,7 +157,7 @@ def build_expert_model(
         progress=progress,
     )
     for expert in everyone:
-        experts_lib.check_compatible(expert, factors, loaded.config)
+        experts_lib.check_compatible(expert, factors)
     return ExpertModel(
         config=loaded.config,
         weights=loaded.weights,
