@@ -5,7 +5,7 @@
 Generates `--new-tokens` tokens per row (end ids ignored, so every row decodes the full length)
 for each batch size and prints tokens/s end to end (prefill included, compilation excluded: each
 t2jax configuration is run once to warm up). transformers runs in fp32 and bf16 on the same
-weights (its own GGUF loader). Needs the test extra (torch, accelerate).
+weights (plain nn.Linear layers holding the same dequantized tensors). Needs torch (test extra).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import platform
 import time
 
 import jax
+import numpy as np
 
-from t2jax.checkpoints.registry import REGISTRY, fetch_model
+from t2jax.checkpoints.registry import REGISTRY
 from t2jax.loading import load_model
 
 QUESTIONS = [
@@ -50,15 +51,25 @@ def time_t2jax(sampler, prompts: list[str], new_tokens: int) -> float:
     return len(prompts) * new_tokens / elapsed
 
 
-def load_torch_model(name: str, dtype):
-    """transformers' own loading of the registry model's GGUF file."""
+def load_torch_model(checkpoint, dtype):
+    """A plain transformers model (nn.Linear layers) holding the checkpoint's dequantized weights.
+
+    (transformers' own GGUF loader keeps the weights quantized and runs dequantizing kernels,
+    which is not the fp32/bf16 baseline we compare against.)
+    """
+    import torch
     import transformers
 
-    path = fetch_model(name, progress=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=dtype
-    )
-    return model.eval()
+    hf_config = dict(checkpoint.hf_config)
+    config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {
+        name: torch.from_numpy(np.asarray(array)) for name, array in checkpoint.tensors.items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.to(dtype).eval()
 
 
 def time_transformers(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
@@ -93,10 +104,11 @@ def main() -> None:
 
     loaded = load_model(args.model)
     sampler = loaded.sampler()
-    rows = {
-        size: {"t2jax": time_t2jax(sampler, chat_prompts(loaded.tokenizer, size), args.new_tokens)}
-        for size in batch_sizes
-    }
+    rows = {}
+    for size in batch_sizes:
+        prompts = chat_prompts(loaded.tokenizer, size)
+        rows[size] = {"t2jax": time_t2jax(sampler, prompts, args.new_tokens)}
+        print(f"batch {size}: t2jax {rows[size]['t2jax']:.1f} tok/s", flush=True)
     if not args.skip_transformers:
         import torch
 
@@ -104,12 +116,13 @@ def main() -> None:
             ("transformers fp32", torch.float32),
             ("transformers bf16", torch.bfloat16),
         ):
-            model = load_torch_model(args.model, dtype)
+            model = load_torch_model(loaded.checkpoint, dtype)
             for size in batch_sizes:
                 prompts = chat_prompts(loaded.tokenizer, size)
                 rows[size][label] = time_transformers(
                     model, loaded.tokenizer, prompts, args.new_tokens
                 )
+                print(f"batch {size}: {label} {rows[size][label]:.1f} tok/s", flush=True)
             del model
 
     device = jax.devices()[0]
