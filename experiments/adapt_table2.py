@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     parser.add_argument("--classify-max-new-tokens", type=int, default=512)
     parser.add_argument("--generations", type=int, default=50, help="CEM generations")
-    parser.add_argument("--alpha-shape", choices=("per_matrix", "global"), default="per_matrix")
+    parser.add_argument("--alpha-shape", choices=("per-matrix", "global"), default="per-matrix")
     parser.add_argument("--mix-space", choices=("z", "p"), default="z")
     parser.add_argument("--rows-per-call", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
@@ -48,7 +48,7 @@ def main() -> None:
     model = adapt.build_expert_model(loaded, experts, classifier)
     few_shot = adapt.FewShotConfig(
         generations=args.generations,
-        alpha_shape=args.alpha_shape,
+        alpha_shape=args.alpha_shape.replace("-", "_"),
         mix_space=args.mix_space,
         rows_per_call=args.rows_per_call,
     )

@@ -107,11 +107,11 @@ def _run_adapt(args: argparse.Namespace) -> int:
     from t2jax import adapt
     from t2jax import experts as experts_lib
     from t2jax.cli import load_model_from_args
-    from t2jax.tasks import get_task
+    from t2jax.tasks import CATEGORIES, get_task
 
     _check_arguments(args)
     expert_paths = parse_expert_paths(args.experts)
-    if args.strategy != "fewshot" and not set(expert_paths) <= set(adapt.CATEGORY_OF_TASK.values()):
+    if args.strategy != "fewshot" and not set(expert_paths) <= set(CATEGORIES):
         raise ValueError(f"dispatch experts must be named code, math or reasoning: {expert_paths}")
     experts = {name: experts_lib.load_expert(path) for name, path in expert_paths.items()}
     classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None

@@ -431,3 +431,11 @@ def test_free_prompts_and_clear_errors(setup, tmp_path, capsys):
     assert "--cls-expert" in capsys.readouterr().err
     assert adapt_command(root, tmp_path, "--strategy", "fewshot", "--prompt", "x") == 2
     assert "needs --task" in capsys.readouterr().err
+    for experts, message in [
+        (f"physics={root / 'math.safetensors'}", "must be named code, math or reasoning"),
+        ("math", "NAME=PATH"),
+        ("math=a,math=b", "given twice"),
+    ]:
+        argv = ["adapt", "--model", "unused", "--experts", experts, "--strategy", "prompt"]
+        assert cli.main([*argv, "--prompt", "x"]) == 2
+        assert message in capsys.readouterr().err
