@@ -67,7 +67,7 @@ from t2jax.evaluate import SAMPLES_FILE, evaluate, read_records, standard_error
 from t2jax.loading import LoadedModel, load_model
 from t2jax.rl_config import RLConfig, SVFSection, TrainConfig, to_dict
 from t2jax.sampler import Generation
-from t2jax.tasks import Example, Task, render_prompt
+from t2jax.tasks import Example, Score, Task, render_prompt
 from t2jax.tasks_synthetic import load_task
 
 Array = jax.Array
@@ -541,7 +541,8 @@ class Rollouts:
     prompts: list[str]
     generation: Generation
     rewards: np.ndarray | None = None  # [N]
-    correct: np.ndarray | None = None  # [N] bool
+    correct: np.ndarray | None = None  # [N] bool: the official scorer's verdict
+    answered: np.ndarray | None = None  # [N] bool: the scorer extracted an answer
 
 
 def generate_rollouts(
@@ -573,13 +574,33 @@ def generate_rollouts(
     return Rollouts(repeated, prompts, generation)
 
 
+def rewards_of(
+    scores: Sequence[Score], incorrect_reward: float, require_extracted_answer: bool
+) -> np.ndarray:
+    """Rewards [N]: +1 for a correct completion, `incorrect_reward` (official -1) otherwise.
+
+    With `require_extracted_answer`, a completion the scorer found no answer in earns no credit
+    even when its fallback counts it correct (ARC scores an answerless completion by a fixed
+    "random guess", A for four options, which RL otherwise learns to exploit by answering
+    nothing).
+    """
+    rewarded = [
+        score.correct and (score.extracted is not None or not require_extracted_answer)
+        for score in scores
+    ]
+    return np.where(rewarded, 1.0, incorrect_reward).astype(np.float32)
+
+
 def score_rollouts(setup: Setup, rollouts: Rollouts) -> Rollouts:
-    """Scores completions with the task's scorer: reward +1 if correct, else `incorrect_reward`
-    (official -1)."""
+    """Scores completions with the task's official scorer and turns the scores into rewards."""
+    rl = setup.config.rl
     scores = setup.task.score_batch(rollouts.examples, rollouts.generation.texts)
-    correct = np.asarray([score.correct for score in scores], bool)
-    rewards = np.where(correct, 1.0, setup.config.rl.incorrect_reward).astype(np.float32)
-    return dataclasses.replace(rollouts, rewards=rewards, correct=correct)
+    return dataclasses.replace(
+        rollouts,
+        rewards=rewards_of(scores, rl.incorrect_reward, rl.require_extracted_answer),
+        correct=np.asarray([score.correct for score in scores], bool),
+        answered=np.asarray([score.extracted is not None for score in scores], bool),
+    )
 
 
 def policy_batch(setup: Setup, rollouts: Rollouts) -> tuple[PolicyBatch, int]:
@@ -806,6 +827,7 @@ class Trainer:
         record = {
             "rollout/reward": float(rollouts.rewards.mean()),
             "rollout/accuracy": float(rollouts.correct.mean()),
+            "rollout/answered": float(rollouts.answered.mean()),
             "rollout/completion_tokens": float(lengths.mean()),
             "rollout/truncated": reasons.count("length") / len(reasons),
             **{f"loss/{k}": float(v) for k, v in loss_metrics.items()},
@@ -894,7 +916,8 @@ def _without_locations(section: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def paired_comparison(base_dir: pathlib.Path, other_dir: pathlib.Path) -> dict[str, float] | None:
     """Accuracy difference (other - base) on the items both evaluations share, with the standard
-    error of the paired per-item difference; None when the records are missing (other
+    error of the paired per-item difference, and both accuracies counting only completions with an
+    extracted answer (no fallback guesses); None when the records are missing (other
     processes)."""
     base = read_records(base_dir / SAMPLES_FILE)
     other = read_records(other_dir / SAMPLES_FILE)
@@ -904,10 +927,18 @@ def paired_comparison(base_dir: pathlib.Path, other_dir: pathlib.Path) -> dict[s
     differences = np.asarray(
         [float(other[i]["correct"]) - float(base[i]["correct"]) for i in shared]
     )
+
+    def answered_accuracy(records):
+        return float(
+            np.mean([records[i]["correct"] and records[i]["extracted"] is not None for i in shared])
+        )
+
     return {
         "n": len(shared),
         "base_accuracy": float(np.mean([base[i]["correct"] for i in shared])),
         "accuracy": float(np.mean([other[i]["correct"] for i in shared])),
+        "base_answered_accuracy": answered_accuracy(base),
+        "answered_accuracy": answered_accuracy(other),
         "difference": float(differences.mean()),
         "difference_standard_error": float(differences.std(ddof=1) / math.sqrt(len(shared)))
         if len(shared) > 1

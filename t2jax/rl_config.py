@@ -162,6 +162,8 @@ class RLConfig:
             "leave_one_out" (reward minus the mean of the prompt's other K-1 rollouts).
         length_normalize: divide each sequence's log-likelihood by its token count.
         incorrect_reward: reward of a wrong answer (official -1; the paper's VLM run uses -0.1).
+        require_extracted_answer: reward only correct completions in which the scorer found an
+            answer (no credit for ARC's fallback guess; see `t2jax.reinforce.rewards_of`).
         completion_tokens: "retokenize" (official: tokenize prompt + output text and take the ids
             after the prompt's) or "sampled" (the sampler's own ids, cut at the stop string).
         logprob_chunk: sequence positions per chunk of the log-softmax (the [B, T, V] logits
@@ -186,6 +188,7 @@ class RLConfig:
     advantage: str = "none"
     length_normalize: bool = False
     incorrect_reward: float = -1.0
+    require_extracted_answer: bool = False
     completion_tokens: str = "retokenize"
     logprob_chunk: int = 128
     rollout_batch_size: int | None = None

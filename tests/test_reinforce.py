@@ -17,6 +17,7 @@ from t2jax import parallel, reinforce, svd
 from t2jax import svf as svf_lib
 from t2jax.config import MeshConfig
 from t2jax.rl_config import RLConfig, SVFSection
+from t2jax.tasks import Score
 
 CONFIG = svf_tiny.CONFIG
 TARGETS = svd.TARGET_SETS["mlp"]
@@ -213,6 +214,16 @@ def test_advantages():
     assert abs(normalized.mean()) < 1e-6 and abs(normalized.std() - 1.0) < 1e-4
     loo = reinforce.compute_advantages(rewards, 3, "leave_one_out")
     np.testing.assert_allclose(loo, [2.0, -1.0, -1.0, -2.0, 1.0, 1.0])
+
+
+def test_rewards_can_deny_credit_to_fallback_guesses():
+    scores = [
+        Score(True, "B", "answer B, gold B"),
+        Score(True, None, "no letter found; seeded guess A, gold A"),
+        Score(False, "C", "answer C, gold D"),
+    ]
+    np.testing.assert_array_equal(reinforce.rewards_of(scores, -1.0, False), [1.0, 1.0, -1.0])
+    np.testing.assert_allclose(reinforce.rewards_of(scores, -0.1, True), [1.0, -0.1, -0.1])
 
 
 def test_batch_schedule_is_the_official_draw_without_replacement():
