@@ -5,10 +5,10 @@ CEM from alpha = 1/K, per-matrix) on `--shots` shots of a task:
   * batched: every candidate x shot row in ONE sampler call, one z per row (factored SVF);
   * sequential: the official shape, for each candidate: merge its W' (recompose), then generate
     its shots (one sampler call per candidate, the base model's decode cost).
-(`--rows-per-call` splits the batched call, e.g. to bound memory.) Both go through
-`adapt.score_population` (generation + scoring, tie-break off so both do the same
-work) in the same process; each is run once after a compile run of the same shapes with one new
-token. The completions of both are compared.
+(`--rows-per-call` splits the batched call, e.g. to bound memory.) Both are
+`adapt.score_population` (batched, or `per_candidate=True`; generation + scoring, tie-break off
+so both do the same work) in the same process; each is run once after a compile run of the same
+shapes with one new token. The completions of both are compared.
 
 Without `--experts`, three random but valid experts are used (p = 0.1 + 0.5 N(0, 1), z =
 sigmoid(p)); the cost does not depend on what experts learned, only the completions (and so
@@ -86,11 +86,9 @@ def main() -> None:
     population, _ = strategy.ask(jax.random.key(1), state, strategy.default_params)
     basis = adapt.mixing_basis(model, "z")
     z_population = adapt.mix_population(basis, population, False, model.targets)
-    candidates = [
-        {k: v[p : p + 1] for k, v in z_population.items()} for p in range(args.population)
-    ]
+    first_candidate = {k: v[:1] for k, v in z_population.items()}
 
-    def score(z, max_new_tokens):
+    def score(z, max_new_tokens, per_candidate):
         return adapt.score_population(
             model,
             task,
@@ -101,15 +99,13 @@ def main() -> None:
             stop_strings=task.stop_strings,
             tie_break=False,
             rows_per_call=args.rows_per_call,
+            per_candidate=per_candidate,
         )
 
-    def sequential(max_new_tokens):
-        return [score(z, max_new_tokens) for z in candidates]
-
-    score(z_population, 1), score(candidates[0], 1)  # compile both shapes
-    batched_seconds, batched = seconds(lambda: score(z_population, args.max_new_tokens))
-    sequential_seconds, alone = seconds(lambda: sequential(args.max_new_tokens))
-    first = {k: v[0] for k, v in z_population.items()}
+    score(z_population, 1, False), score(first_candidate, 1, True)  # compile both shapes
+    batched_seconds, batched = seconds(lambda: score(z_population, args.max_new_tokens, False))
+    sequential_seconds, alone = seconds(lambda: score(z_population, args.max_new_tokens, True))
+    first = {k: v[0] for k, v in first_candidate.items()}
 
     def merge_first():
         return jax.block_until_ready(svd.merge_into_weights(model.weights, model.factors, first))
@@ -121,8 +117,8 @@ def main() -> None:
     calls = -(-rows // (args.rows_per_call or rows))
     same = sum(
         a == b
-        for p, single in enumerate(alone)
-        for a, b in zip(single.texts[0], batched.texts[p], strict=True)
+        for texts, batched_texts in zip(alone.texts, batched.texts, strict=True)
+        for a, b in zip(texts, batched_texts, strict=True)
     )
     lengths = [len(ids) for ids in model.sampler.encode(prompts)]
     dtype = jnp.dtype(model.weights.embed.dtype).name

@@ -70,6 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mix-space", choices=("z", "p"), default="z", help="p: raw parameters (official code)"
     )
     few_shot.add_argument("--no-tie-break", action="store_true")
+    few_shot.add_argument(
+        "--per-candidate",
+        action="store_true",
+        help="score each candidate in its own merged call (faster on CPUs from ~3 shots)",
+    )
     few_shot.add_argument("--seed", type=int, default=0, help="CEM seed")
     parser.add_argument("--cache-dir", default=None, help="SVD factor cache root")
     parser.add_argument("--out", default=None, help="default: runs/adapt/MODEL-STRATEGY-TASK")
@@ -180,6 +185,7 @@ def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported
         seed=args.seed,
         split_seed=args.few_shot_seed,
         rows_per_call=args.rows_per_call,
+        per_candidate=args.per_candidate,
     )
     default_tokens = task.max_new_tokens if task is not None else 512
     return adapt.AdaptOptions(
