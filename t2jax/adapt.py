@@ -931,7 +931,8 @@ def score_run(run: AdaptRun, task: Task | None = None) -> tuple[list[dict], dict
     Returns:
         (records: id, prompt, output, route, [category, classification], [gold, extracted,
         correct, reward, reason]; summary: strategy, n, [task, correct, accuracy, standard_error],
-        first/second pass seconds and their ratio, route counts, [alpha, experts, history]).
+        first/second pass seconds and their ratio, route counts ("base": the base weights),
+        [alpha, experts, history]).
     """
     records = [
         {"id": example.id, "prompt": prompt, "output": output, "route": route_name}
@@ -950,7 +951,9 @@ def score_run(run: AdaptRun, task: Task | None = None) -> tuple[list[dict], dict
         "first_pass_seconds": run.first_pass_seconds,
         "second_pass_seconds": run.second_pass_seconds,
         "pass_ratio": run.first_pass_seconds / max(run.second_pass_seconds, 1e-9),
-        "routes": {str(name): run.routes.count(name) for name in sorted(set(run.routes), key=str)},
+        "routes": {
+            name or "base": run.routes.count(name) for name in sorted(set(run.routes), key=str)
+        },
     }
     if task is not None:
         scores = task.score_batch(list(run.examples), list(run.outputs))

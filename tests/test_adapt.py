@@ -361,6 +361,9 @@ def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy):
         assert record["correct"] in (True, False)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["strategy"] == strategy and summary["n"] == 3
+    assert (
+        set(summary["routes"]) <= {"base", *EXPERT_NAMES} and sum(summary["routes"].values()) == 3
+    )
     assert summary["first_pass_seconds"] > 0 and summary["second_pass_seconds"] > 0
     assert (tmp_path / "confusion.png").exists()
     items = get_task("arc_challenge").load("test")
