@@ -3,6 +3,7 @@
 command, held-out reward rising, the run's files, and a run killed with SIGKILL that resumes to the
 same expert and metrics as an uninterrupted run."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,20 +20,11 @@ import svf_tiny
 import tiny
 
 from t2jax import cli, experts, reinforce, rl_config
-from t2jax.config import ConfigError, ModelConfig
+from t2jax.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_SPEC = f"{REPO}/experiments/configs/svf.py:task=synthetic_letter"
-MODEL = ModelConfig(
-    model_type="llama",
-    vocab_size=tiny.VOCAB_SIZE,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+MODEL = dataclasses.replace(svf_tiny.CONFIG, vocab_size=tiny.VOCAB_SIZE)
 # Sampled rollouts: the random model never starts greedily with a vowel, so greedy rollouts
 # (the official default) would see no positive reward to learn from.
 LEARNABLE = {
