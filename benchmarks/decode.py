@@ -4,7 +4,8 @@
 
 Generates `--new-tokens` tokens per row (end ids ignored, so every row decodes the full length)
 for each batch size and prints tokens/s end to end (prefill included, compilation excluded: each
-t2jax configuration is run once to warm up). transformers runs in fp32 and bf16 on the same
+t2jax configuration is run once to warm up). t2jax runs with bf16 parameters (its default; fp32
+activations on CPU) and with fp32 parameters. transformers runs in fp32 and bf16 on the same
 weights (plain nn.Linear layers holding the same dequantized tensors). Needs torch (test extra).
 """
 
@@ -15,6 +16,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from t2jax.checkpoints.registry import REGISTRY
@@ -102,13 +104,14 @@ def main() -> None:
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 
-    loaded = load_model(args.model)
-    sampler = loaded.sampler()
-    rows = {}
-    for size in batch_sizes:
-        prompts = chat_prompts(loaded.tokenizer, size)
-        rows[size] = {"t2jax": time_t2jax(sampler, prompts, args.new_tokens)}
-        print(f"batch {size}: t2jax {rows[size]['t2jax']:.1f} tok/s", flush=True)
+    rows = {size: {} for size in batch_sizes}
+    for label, dtype in (("t2jax bf16", jnp.bfloat16), ("t2jax fp32", jnp.float32)):
+        loaded = load_model(args.model, dtype=dtype)
+        sampler = loaded.sampler()
+        for size in batch_sizes:
+            prompts = chat_prompts(loaded.tokenizer, size)
+            rows[size][label] = time_t2jax(sampler, prompts, args.new_tokens)
+            print(f"batch {size}: {label} {rows[size][label]:.1f} tok/s", flush=True)
     if not args.skip_transformers:
         import torch
 
@@ -133,12 +136,12 @@ def main() -> None:
     print(
         "| batch | "
         + " | ".join(columns)
-        + " | t2jax / transformers fp32 | t2jax / transformers bf16 |"
+        + " | t2jax bf16 / transformers fp32 | t2jax bf16 / transformers bf16 |"
     )
     print("|---|" + "---|" * (len(columns) + 2))
     for size, row in rows.items():
         ratios = [
-            f"{row['t2jax'] / row[label]:.2f}x" if label in row else "n/a"
+            f"{row['t2jax bf16'] / row[label]:.2f}x" if label in row else "n/a"
             for label in ("transformers fp32", "transformers bf16")
         ]
         cells = [f"{row[column]:.1f}" for column in columns]

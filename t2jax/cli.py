@@ -41,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("float32", "bfloat16"),
         default=None,
-        help="parameter dtype (default: float32 on CPU, bfloat16 on accelerators)",
+        help="parameter dtype (default: bfloat16; activations stay float32 on CPU)",
     )
     parser.add_argument(
         "--mesh",
@@ -117,7 +117,12 @@ def _add_eval(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--task", required=True, choices=TASK_NAMES)
     parser.add_argument("--split", default="test", help="e.g. train, valid, test, math500")
-    parser.add_argument("--limit", type=int, default=None, help="first N items of the split")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--limit", type=int, default=None, help="first N items of the split")
+    subset.add_argument(
+        "--sample", type=int, default=None, help="a seeded random subset of N items (see --seed)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="override the task's official budget"
@@ -136,13 +141,15 @@ def _add_eval(subparsers) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from t2jax.evaluate import evaluate
+    from t2jax.evaluate import evaluate, subsample
     from t2jax.tasks import get_task
 
     task = get_task(args.task)
     examples = task.load(args.split, data_dir=args.data_dir)
     if args.limit is not None:
         examples = examples[: args.limit]
+    if args.sample is not None:
+        examples = subsample(examples, args.sample, args.seed)
     loaded = load_model_from_args(args)
     sampler = loaded.sampler()
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
@@ -159,6 +166,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         "model": args.model,
         "split": args.split,
         "limit": args.limit,
+        "sample": args.sample,
+        "seed": args.seed,
         "max_new_tokens": max_new_tokens,
         "official_quirks": args.official_quirks,
     }

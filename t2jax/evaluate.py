@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from t2jax.tasks import Example, Task, render_prompt, reward_of
@@ -101,6 +102,17 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         f"| {summary['task']} | {summary['n']} | {summary['correct']} | "
         f"{100 * summary['accuracy']:.2f} | {100 * summary['standard_error']:.2f} | {config} |\n"
     )
+
+
+def subsample(examples: Sequence[Example], size: int, seed: int = 0) -> list[Example]:
+    """A seeded random subset of `size` examples, kept in their original order (all of them when
+    `size` is at least their number)."""
+    if size < 1:
+        raise ValueError(f"sample size must be positive, got {size}")
+    if size >= len(examples):
+        return list(examples)
+    chosen = np.random.default_rng(seed).choice(len(examples), size, replace=False)
+    return [examples[i] for i in sorted(chosen)]
 
 
 def evaluate(

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from t2jax import ops
 from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig, RopeScaling
 
@@ -94,6 +95,16 @@ def layer_slice(tree: Any, index: int) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
+def activation_dtype(param_dtype: Any) -> Any:
+    """Dtype of the residual stream, norms, RoPE and softmax for parameters of `param_dtype`.
+
+    fp32 on CPU: XLA:CPU runs bf16 matmuls ~1.7x faster than fp32 but bf16 elementwise work
+    slower, so bf16 weights there pair with fp32 activations (matmuls cast their input, see
+    `t2jax.ops.matmul`). Accelerators keep the parameter dtype.
+    """
+    return jnp.float32 if jax.default_backend() == "cpu" else param_dtype
+
+
 def default_layout_is_stacked() -> bool:
     """Stacked layers (scan) on accelerators; unstacked (unrolled) on CPU, faster there."""
     return jax.default_backend() != "cpu"
@@ -156,7 +167,7 @@ def weights_from_hf(
     Args:
         config: the model architecture.
         tensors: HF name -> array (may load lazily; each tensor is read once).
-        dtype: parameter dtype (fp32 on CPU; bf16 on accelerators).
+        dtype: parameter dtype (see `t2jax.loading.default_dtype`).
         stacked: layer layout; defaults to `default_layout_is_stacked()`.
         skip: predicate on our per-layer keys ("mlp.gate_proj") whose dense kernels to drop, e.g.
             once SVD factors replace them.
@@ -299,6 +310,7 @@ def grouped_attention(q: Array, blocks: Sequence[tuple[Array, Array, Array]]) ->
 def _block_scores(q: Array, k: Array, mask: Array, groups: int) -> Array:
     """Masked scaled scores [B, K, M, S] of folded queries q [B, K, M, H] against k [B, K, S, H]."""
     batch, length, keys = mask.shape
+    q = q.astype(k.dtype)  # [B, K, M, H] (a bf16 cache is read as bf16)
     scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])  # [B, K, M, S]
     visible = jnp.broadcast_to(mask[:, None, None], (batch, 1, groups, length, keys))
@@ -311,7 +323,7 @@ def _project(x: Array, layer: LayerDict, name: str, svf_layer: svf_lib.LayerSVF 
     if svf_layer is not None and name in svf_layer.targets:
         out = svf_lib.adapted_matmul(x, svf_layer.targets[name], svf_layer.mode)  # [B, T, out]
     else:
-        out = jnp.einsum("bti,io->bto", x, layer[name])  # [B, T, out]
+        out = ops.matmul(x, layer[name])  # [B, T, out]
     bias = layer.get(f"{name}.bias")
     return out if bias is None else out + bias
 
@@ -328,7 +340,8 @@ def _decoder_layer(
     inv_freq: Array,
 ) -> tuple[Array, tuple[Array, Array] | None]:
     """One pre-norm decoder block; returns the new residual stream and this layer's updated
-    (k, v) cache [B, K, S, H] (None without a cache)."""
+    (k, v) cache [B, K, S, H] (None without a cache). The cache is attended to only when
+    `masks` has a cache mask (not for a cache that holds nothing yet)."""
     batch, length, _ = x.shape
     new_mask, cached_mask = masks
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)  # [B, T, D]
@@ -344,7 +357,8 @@ def _decoder_layer(
     blocks = [(k, v, new_mask)]  # the new tokens among themselves
     if layer_cache is not None:
         k_cache, v_cache = layer_cache  # [B, K, S, H] each, as before this call
-        blocks.insert(0, (k_cache.astype(q.dtype), v_cache.astype(q.dtype), cached_mask))
+        if cached_mask is not None:
+            blocks.insert(0, (k_cache, v_cache, cached_mask))
         start = (0, 0, write_index, 0)
         layer_cache = (
             jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),  # [B,K,S,H]
@@ -386,6 +400,8 @@ def forward(
     token_mask: Array,
     cache: KVCache | None = None,
     svf: svf_lib.ModelSVF | None = None,
+    *,
+    empty_cache: bool = False,
 ) -> tuple[Array, KVCache | None]:
     """Runs the decoder and returns final-norm hidden states and the updated cache.
 
@@ -398,6 +414,8 @@ def forward(
         cache: KV cache (in the weights' layer layout) to attend to and append to at
             `cache.index`; None for a cache-free pass over just these tokens (training, scoring).
         svf: SVF adaptation (merged or factored) of some kernels, or None for the base model.
+        empty_cache: `cache` holds nothing yet (a prefill): its slots are written but not
+            attended to, which skips attention over S empty slots.
 
     Returns:
         hidden: [B, T, D] hidden states after the final norm (feed to `logits`).
@@ -405,10 +423,11 @@ def forward(
     """
     length = tokens.shape[1]
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, T, D]
+    x = x.astype(activation_dtype(weights.embed.dtype))  # [B, T, D]
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     new_mask = causal_mask(token_mask, config.sliding_window)  # [B, T, T]
     cached_mask = None
-    if cache is not None:
+    if cache is not None and not empty_cache:
         cached_mask = cache_mask(cache.index, length, cache.valid, config.sliding_window)
     write_index = None if cache is None else cache.index
 
@@ -449,10 +468,14 @@ def forward(
 def logits(weights: Weights, hidden: Array) -> Array:
     """Vocabulary logits [..., V] in fp32 from hidden states [..., D]."""
     if weights.lm_head is None:  # tied: contract with the [V, D] embedding, no transposed copy
+        hidden = hidden.astype(weights.embed.dtype)  # [..., D]
         return jnp.einsum(
             "...d,vd->...v", hidden, weights.embed, preferred_element_type=jnp.float32
-        )
-    return jnp.einsum("...d,dv->...v", hidden, weights.lm_head, preferred_element_type=jnp.float32)
+        )  # [..., V]
+    hidden = hidden.astype(weights.lm_head.dtype)  # [..., D]
+    return jnp.einsum(
+        "...d,dv->...v", hidden, weights.lm_head, preferred_element_type=jnp.float32
+    )  # [..., V]
 
 
 def positions_from_mask(token_mask: Array) -> Array:

@@ -63,7 +63,7 @@ from t2jax import model as model_lib
 from t2jax import parallel, svd
 from t2jax import svf as svf_lib
 from t2jax.config import ConfigError, ModelConfig
-from t2jax.evaluate import SAMPLES_FILE, evaluate, read_records, standard_error
+from t2jax.evaluate import SAMPLES_FILE, evaluate, read_records, standard_error, subsample
 from t2jax.loading import LoadedModel, load_model
 from t2jax.rl_config import RLConfig, SVFSection, TrainConfig, to_dict
 from t2jax.sampler import Generation
@@ -495,6 +495,8 @@ def load_setup(config: TrainConfig) -> Setup:
     task = load_task(task_config.name)
     train = task.load(task_config.train_split, task_config.data_dir)[: task_config.train_limit]
     valid = task.load(task_config.valid_split, task_config.data_dir)[: task_config.valid_limit]
+    if task_config.valid_sample is not None:
+        valid = subsample(valid, task_config.valid_sample)
     eval_train = train[: task_config.eval_train_limit]
     test = []
     if task_config.test_split is not None:

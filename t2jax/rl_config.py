@@ -48,7 +48,7 @@ class ModelSection:
 
     Attributes:
         name: registry name, `.gguf` file, HF directory or hub id (see `t2jax.loading`).
-        dtype: "float32" or "bfloat16"; None picks fp32 on CPU, bf16 on accelerators.
+        dtype: "float32" or "bfloat16"; None picks `t2jax.loading.default_dtype()`.
         stacked: layer layout (None: the backend's faster one, see `t2jax.model`).
         mesh: device mesh; the batch is split over its data axes, weights FSDP-sharded.
     """
@@ -77,6 +77,8 @@ class TaskSection:
         train_limit: use only the first N training items (None: all).
         eval_train_limit: evaluate on the first N training items (None: all; 0: skip).
         valid_limit: evaluate on the first N validation items (None: all).
+        valid_sample: evaluate on a seeded random subset of N validation items instead (seed 0,
+            `t2jax.evaluate.subsample`): first-N subsets can be skewed (ARC's first items).
         test_split: an untouched split evaluated for the base model and the best expert after
             training (None: skip).
         test_limit: first N items of the test split (None: all).
@@ -92,6 +94,7 @@ class TaskSection:
     train_limit: int | None = None
     eval_train_limit: int | None = None
     valid_limit: int | None = None
+    valid_sample: int | None = None
     test_split: str | None = None
     test_limit: int | None = None
     official_quirks: bool = False
@@ -100,7 +103,7 @@ class TaskSection:
 
     def __post_init__(self):
         _require(bool(self.name), "task.name must name a task")
-        for field in ("train_limit", "valid_limit", "test_limit", "max_new_tokens"):
+        for field in ("train_limit", "valid_limit", "valid_sample", "test_limit", "max_new_tokens"):
             value = getattr(self, field)
             _require(value is None or value > 0, f"task.{field} must be positive, got {value}")
         _require(
@@ -108,6 +111,10 @@ class TaskSection:
             f"task.eval_train_limit must be >= 0, got {self.eval_train_limit}",
         )
         _require(self.eval_batch_size > 0, "task.eval_batch_size must be positive")
+        _require(
+            self.valid_limit is None or self.valid_sample is None,
+            "task.valid_limit and task.valid_sample exclude each other",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

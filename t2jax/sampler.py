@@ -27,6 +27,12 @@ Array = jax.Array
 
 STOP_CHECK_CHUNK = 32  # decode steps between host-side stop-string checks
 
+# Every decode step reads each layer's cache and then updates it in place. XLA:CPU's default copy
+# insertion cannot prove that order and copies every layer's cache every step (120 copies of
+# [B, K, S, H] per SmolLM2 step); its region analysis can, which makes batch-32 decode ~1.25x
+# faster. The option only concerns XLA:CPU; other backends ignore it.
+CACHE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -106,7 +112,12 @@ def _nucleus_filter(logits: Array, top_p: Array) -> Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)  # [B, V]
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("config",),
+    donate_argnames=("cache",),
+    compiler_options=CACHE_COMPILER_OPTIONS,
+)
 def prefill(
     config: ModelConfig,
     weights: model_lib.Weights,
@@ -124,7 +135,9 @@ def prefill(
     batch = tokens.shape[0]
     out_length = cache.valid.shape[1] - tokens.shape[1]
     positions = model_lib.positions_from_mask(token_mask)  # [B, P]
-    hidden, cache = model_lib.forward(config, weights, tokens, positions, token_mask, cache, svf)
+    hidden, cache = model_lib.forward(
+        config, weights, tokens, positions, token_mask, cache, svf, empty_cache=True
+    )  # [B, P, D]
     last_logits = model_lib.logits(weights, hidden[:, -1])  # [B, V]
     first = sample_token(last_logits, jax.random.fold_in(key, 0), temperature, top_p)  # [B]
     empty_row = ~jnp.any(token_mask, axis=-1)  # [B] batch-padding rows
@@ -141,7 +154,12 @@ def prefill(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("config",),
+    donate_argnames=("state",),
+    compiler_options=CACHE_COMPILER_OPTIONS,
+)
 def decode(
     config: ModelConfig,
     weights: model_lib.Weights,

@@ -24,6 +24,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from t2jax import ops
+
 Array = jax.Array
 Mode = Literal["merged", "factored"]
 SVFParams = dict[str, Array]  # module key -> [L, R] raw parameters (p, or z for "plain")
@@ -87,16 +89,15 @@ def compose(target: SVFTarget) -> Array:
 def adapted_matmul(x: Array, target: SVFTarget, mode: Mode) -> Array:
     """x @ W'(z). x: [B, T, in]; returns [B, T, out] in x's dtype."""
     if mode == "merged":
-        kernel = compose(target).astype(x.dtype)  # [in, out]
-        return jnp.einsum("bti,io->bto", x, kernel)  # [B, T, out]
+        return ops.matmul(x, compose(target).astype(target.a.dtype))  # [B, T, out]
     if mode != "factored":
         raise SVFError(f"unknown SVF mode {mode!r}; expected 'merged' or 'factored'")
     gains = target.s.astype(jnp.float32) * target.z.astype(jnp.float32)  # [R] or [B, R]
     gains = gains * nuclear_rescale(target.s, target.z)[..., None]  # [R] or [B, R]
     gains = jnp.broadcast_to(gains, (x.shape[0], gains.shape[-1]))  # [B, R]
-    low = jnp.einsum("bti,ir->btr", x, target.a.astype(x.dtype))  # [B, T, R]
+    low = ops.matmul(x, target.a)  # [B, T, R]
     low = low * gains[:, None, :].astype(x.dtype)  # [B, T, R]
-    return jnp.einsum("btr,ro->bto", low, target.b.astype(x.dtype))  # [B, T, out]
+    return ops.matmul(low, target.b)  # [B, T, out]
 
 
 # ----------------------------------------------------------------------------------------------

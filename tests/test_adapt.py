@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     """(directory with model/ and expert files, ExpertModel)."""
     root = tmp_path_factory.mktemp("adapt")
     tiny.save_tiny_checkpoint(root / "model", "llama", seed=3)
-    loaded = load_model(str(root / "model"), progress=False)
+    loaded = load_model(str(root / "model"), dtype=jnp.float32, progress=False)
     fingerprint = svd.fingerprint(loaded.config, loaded.checkpoint.tensors)
     shapes = svd.svf_param_shapes(loaded.config, svd.TARGET_SETS["mlp"])
 

@@ -1,5 +1,7 @@
 """Sampler: cache consistency, padding invariance, end ids, stop strings, no recompilation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -178,3 +180,45 @@ def test_ignore_eos_generates_the_full_budget(tiny_model):
 
     assert generation.lengths == [16, 16, 16]
     assert generation.token_ids == free.token_ids
+
+
+def test_decode_loop_updates_the_cache_in_place(tiny_model):
+    """The compiled decode loop must not copy any layer's KV cache (it did, every step, before
+    `CACHE_COMPILER_OPTIONS`: 4 copies per layer and step for this model)."""
+    from t2jax import sampler as sampler_lib
+
+    checkpoint, weights = tiny_model
+    config, batch, length = checkpoint.config, 2, 8
+    cache = model_lib.init_cache(config, batch, length + 64, stacked=False)
+    controls = (jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1]))
+    tokens, mask = jnp.ones((batch, length), jnp.int32), jnp.ones((batch, length), bool)
+    state = sampler_lib.prefill(config, weights, None, tokens, mask, cache, *controls)
+    hlo = sampler_lib.decode.lower(config, weights, None, state, *controls, jnp.int32(9))
+    cache_shape = ",".join(map(str, state.cache.k[0].shape))
+    copies = re.findall(rf"f32\[{cache_shape}\]\S* copy\(", hlo.compile().as_text())
+    assert copies == []
+
+
+def test_bf16_weights_keep_fp32_activations_and_match_fp32(tiny_checkpoint):
+    """bf16 parameters (the fast matmuls on CPU) with fp32 activations and a bf16 cache: logits
+    of a cached decode step stay within bf16 rounding of the fp32 model's."""
+    config, tensors = tiny_checkpoint.config, tiny_checkpoint.tensors
+    tokens = jnp.asarray([[5, 9, 2, 7, 11, 3]])
+    positions, mask = jnp.arange(6)[None], jnp.ones((1, 6), bool)
+    fp32 = model_lib.weights_from_hf(config, tensors, stacked=False)
+    bf16 = model_lib.weights_from_hf(config, tensors, dtype=jnp.bfloat16, stacked=False)
+    hidden, _ = model_lib.forward(config, fp32, tokens, positions, mask)
+    reference = model_lib.logits(fp32, hidden[:, -1])  # [1, V]
+
+    cache = model_lib.init_cache(config, 1, 16, dtype=jnp.bfloat16, stacked=False)
+    prompt = (tokens[:, :5], positions[:, :5], mask[:, :5])
+    _, cache = model_lib.forward(config, bf16, *prompt, cache, empty_cache=True)
+    hidden, cache = model_lib.forward(
+        config, bf16, tokens[:, 5:], positions[:, 5:], mask[:, 5:], cache
+    )
+    step_logits = model_lib.logits(bf16, hidden[:, -1])  # [1, V]
+
+    assert hidden.dtype == jnp.float32 and cache.k[0].dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(reference)))
+    assert float(jnp.max(jnp.abs(step_logits - reference))) < 0.02 * scale
+    assert float(jnp.max(jnp.abs(step_logits - reference))) > 0  # bf16 really was used

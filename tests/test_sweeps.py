@@ -59,6 +59,7 @@ def test_dotted_overrides_are_typed_and_validated():
         ({"rl.samples_per_prompt": "4"}, "needs rl.temperature > 0"),
         ({"svf.mode": "dense"}, "svf.mode='dense'"),
         ({"model.mesh.shape": "-1,-1,1"}, "at most one mesh axis may be -1"),
+        ({"task.valid_limit": "5", "task.valid_sample": "5"}, "exclude each other"),
     ):
         with pytest.raises(ConfigError, match=message):
             rl_config.with_overrides(rl_config.TrainConfig(), overrides)

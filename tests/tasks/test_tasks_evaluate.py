@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from t2jax.evaluate import evaluate, markdown_table, read_records, standard_error
+from t2jax.evaluate import evaluate, markdown_table, read_records, standard_error, subsample
 from t2jax.tasks import get_task
 
 
@@ -172,3 +172,15 @@ def test_standard_error_and_table():
         }
     )
     assert table.splitlines()[-1] == "| t | 4 | 1 | 25.00 | 21.65 | - |"
+
+
+def test_subsample_is_seeded_ordered_and_bounded():
+    items = list(range(100))
+    first = subsample(items, 10, seed=3)
+    assert first == subsample(items, 10, seed=3)
+    assert first != subsample(items, 10, seed=4)
+    assert first == sorted(first) and len(set(first)) == 10
+    assert first != items[:10]
+    assert subsample(items, 500) == items
+    with pytest.raises(ValueError, match="positive"):
+        subsample(items, 0)
