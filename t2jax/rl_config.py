@@ -439,6 +439,21 @@ def from_config_dict(values: ml_collections.ConfigDict | Mapping[str, Any]) -> T
 # Config files ("path.py" or "path.py:arg", as `ml_collections.config_flags` reads them).
 
 
+def load_python_file(path: str | pathlib.Path, kind: str) -> types.ModuleType:
+    """Executes a Python file (a config or sweep file) as a fresh module.
+
+    Raises:
+        ConfigError: the file does not exist ("`kind` file ... does not exist").
+    """
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{kind} file {str(path)!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"t2jax_{kind}_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Runs `get_config(arg)` of a Python config file named "path.py[:arg]".
 
@@ -446,12 +461,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         ConfigError: the file is missing or has no `get_config`.
     """
     path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"t2jax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_python_file(path, "config")
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config(arg)")
     return module.get_config(arg) if arg else module.get_config()

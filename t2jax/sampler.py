@@ -34,6 +34,16 @@ STOP_CHECK_CHUNK = 32  # decode steps between host-side stop-string checks
 CACHE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
+def _jit_over_cache(donate: str):
+    """`jax.jit` for the sampler's steps: static config, `donate` donated, in-place cache."""
+    return functools.partial(
+        jax.jit,
+        static_argnames=("config",),
+        donate_argnames=(donate,),
+        compiler_options=CACHE_COMPILER_OPTIONS,
+    )
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
@@ -112,12 +122,7 @@ def _nucleus_filter(logits: Array, top_p: Array) -> Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)  # [B, V]
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config",),
-    donate_argnames=("cache",),
-    compiler_options=CACHE_COMPILER_OPTIONS,
-)
+@_jit_over_cache(donate="cache")
 def prefill(
     config: ModelConfig,
     weights: model_lib.Weights,
@@ -154,12 +159,7 @@ def prefill(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config",),
-    donate_argnames=("state",),
-    compiler_options=CACHE_COMPILER_OPTIONS,
-)
+@_jit_over_cache(donate="state")
 def decode(
     config: ModelConfig,
     weights: model_lib.Weights,

@@ -16,7 +16,6 @@ finished runs and resumes partial ones, so a preempted machine can simply relaun
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import logging
@@ -29,7 +28,7 @@ from typing import Any
 
 from t2jax import parallel
 from t2jax.config import ConfigError
-from t2jax.rl_config import TrainConfig, resolve_config
+from t2jax.rl_config import TrainConfig, load_python_file, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +83,7 @@ def load_sweep(path: str | os.PathLike) -> tuple[str, list[dict[str, Any]]]:
         ConfigError: the file is missing, lacks CONFIG or sweep(), or returns no runs.
     """
     file = pathlib.Path(path)
-    if not file.is_file():
-        raise ConfigError(f"sweep file {str(file)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"t2jax_sweep_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(file, "sweep")
     if not isinstance(getattr(module, "CONFIG", None), str) or not callable(
         getattr(module, "sweep", None)
     ):
