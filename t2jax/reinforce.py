@@ -65,7 +65,7 @@ from t2jax import svf as svf_lib
 from t2jax.config import ConfigError, ModelConfig
 from t2jax.evaluate import SAMPLES_FILE, evaluate, read_records, standard_error, subsample
 from t2jax.loading import LoadedModel, load_model
-from t2jax.rl_config import RLConfig, SVFSection, TrainConfig, to_dict
+from t2jax.rl_config import RLConfig, SVFSection, TaskSection, TrainConfig, to_dict
 from t2jax.sampler import Generation
 from t2jax.tasks import Example, Score, Task, render_prompt
 from t2jax.tasks_synthetic import load_task
@@ -485,13 +485,14 @@ class Setup:
         return jax.device_put(params, parallel.replicated(self.loaded.mesh))
 
 
-def load_setup(config: TrainConfig) -> Setup:
-    """Loads the model, its SVD factors (cached on disk) and the task's splits.
+def load_splits(
+    task_config: TaskSection,
+) -> tuple[Task, list[Example], list[Example], list[Example], list[Example]]:
+    """(task, train, eval_train, valid, test) items as `task_config` selects them.
 
     Raises:
-        ConfigError: an empty split.
+        ConfigError: an empty train or valid split.
     """
-    task_config = config.task
     task = load_task(task_config.name)
     train = task.load(task_config.train_split, task_config.data_dir)[: task_config.train_limit]
     valid = task.load(task_config.valid_split, task_config.data_dir)[: task_config.valid_limit]
@@ -503,6 +504,16 @@ def load_setup(config: TrainConfig) -> Setup:
         test = task.load(task_config.test_split, task_config.data_dir)[: task_config.test_limit]
     if not train or not valid:
         raise ConfigError(f"task {task.name}: the train and valid splits must not be empty")
+    return task, list(train), list(eval_train), list(valid), list(test)
+
+
+def load_setup(config: TrainConfig) -> Setup:
+    """Loads the model, its SVD factors (cached on disk) and the task's splits.
+
+    Raises:
+        ConfigError: an empty split.
+    """
+    task, train, eval_train, valid, test = load_splits(config.task)
     targets = svd.resolve_targets(config.svf.targets)
     dtype = None if config.model.dtype is None else jnp.dtype(config.model.dtype)
     loaded = load_model(
@@ -531,7 +542,7 @@ def load_setup(config: TrainConfig) -> Setup:
         eval_train=eval_train,
         valid=valid,
         test=test,
-        max_new_tokens=task_config.max_new_tokens or task.max_new_tokens,
+        max_new_tokens=config.task.max_new_tokens or task.max_new_tokens,
     )
 
 

@@ -160,3 +160,18 @@ def test_killed_run_resumes_to_the_same_expert_and_metrics(model_dir, tmp_path):
     changed = rl_config.with_overrides(complete, {"rl.lr": 0.01})  # same workdir, other config
     with pytest.raises(ConfigError, match="different rl config"):
         reinforce.train(changed)
+
+
+def test_load_splits_limits_and_seeded_valid_sample():
+    section = rl_config.TaskSection(name="synthetic_letter", train_limit=10, eval_train_limit=4)
+    task, train, eval_train, valid, test = reinforce.load_splits(section)
+    all_valid = task.load("valid", None)
+    assert len(train) == 10 and eval_train == train[:4] and test == []
+    assert valid == all_valid
+
+    sampled = dataclasses.replace(section, valid_sample=8, test_split="test", test_limit=3)
+    _, _, _, valid, test = reinforce.load_splits(sampled)
+    assert len(valid) == 8 and valid != all_valid[:8] and len(test) == 3
+    positions = [all_valid.index(example) for example in valid]
+    assert positions == sorted(positions)  # split order kept
+    assert valid == reinforce.load_splits(sampled)[3]  # seeded

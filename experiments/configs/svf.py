@@ -9,7 +9,7 @@ The argument after ':' is comma-separated key=value pairs:
     task    a `t2jax.tasks` name or a synthetic task (default gsm8k)
     preset  "official" (default): batch 256, 200 updates, the task's token budget;
             "cpu": a budget for a 2-core CPU (batch 32, 128 new tokens, 40 updates, evaluation on
-            64 train / 200 valid items every 5 updates)
+            64 train items and a seeded random 200 valid items every 5 updates)
 The run directory defaults to runs/svf/TASK-MODEL-PRESET.
 """
 
@@ -29,7 +29,7 @@ PRESETS = {
         "rl.logprob_chunk": 64,
         "task.max_new_tokens": 128,
         "task.eval_train_limit": 64,
-        "task.valid_limit": 200,
+        "task.valid_sample": 200,
         "task.eval_batch_size": 32,
     },
 }
