@@ -324,9 +324,13 @@ class Sampler:
         return self._finish(state, len(token_lists), stop_strings, stopped)
 
     def _place(self, array: np.ndarray) -> Array:
+        """A host array (the same on every process) as a global array with the batch sharding;
+        each process supplies its addressable shards, so this also works across hosts."""
         if self.batch_sharding is None:
             return jnp.asarray(array)
-        return jax.device_put(array, self.batch_sharding)
+        return jax.make_array_from_callback(
+            array.shape, self.batch_sharding, lambda index: array[index]
+        )
 
     def _apply_stop_strings(
         self, state: DecodeState, stop_strings: Sequence[str], stopped: np.ndarray
