@@ -100,7 +100,8 @@ def activation_dtype(param_dtype: Any) -> Any:
 
     fp32 on CPU: XLA:CPU runs bf16 matmuls ~1.7x faster than fp32 but bf16 elementwise work
     slower, so bf16 weights there pair with fp32 activations (matmuls cast their input, see
-    `t2jax.ops.matmul`). Accelerators keep the parameter dtype.
+    `t2jax.ops.matmul`). Accelerators keep the parameter dtype. Decided by the default backend
+    at trace time, so CPU-placed weights in a process whose default is an accelerator keep it too.
     """
     return jnp.float32 if jax.default_backend() == "cpu" else param_dtype
 
