@@ -7,6 +7,10 @@ for each batch size and prints tokens/s end to end (prefill included, compilatio
 t2jax configuration is run once to warm up). t2jax runs with bf16 parameters (its default; fp32
 activations on CPU) and with fp32 parameters. transformers runs in fp32 and bf16 on the same
 weights (plain nn.Linear layers holding the same dequantized tensors). Needs torch (test extra).
+
+The "matmul bound" column is the throughput of a decoder whose steps cost only their matmuls
+(every layer kernel and the lm_head at the batch's rows, bf16 weights as `ops.matmul` runs them,
+prefill free): no XLA decoder on this machine can beat it, whatever it fuses.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2jax import ops
 from t2jax.checkpoints.registry import REGISTRY
+from t2jax.config import ModelConfig
 from t2jax.loading import load_model
 
 QUESTIONS = [
@@ -51,6 +57,46 @@ def time_t2jax(sampler, prompts: list[str], new_tokens: int) -> float:
     elapsed = time.perf_counter() - start
     assert all(length == new_tokens for length in generation.lengths)
     return len(prompts) * new_tokens / elapsed
+
+
+def matmul_bound(config: ModelConfig, batch_size: int, steps: int = 32, repeats: int = 5) -> float:
+    """Tokens/s if a decode step cost only its matmuls: x [batch, 1, hidden] (fp32) through every
+    layer's q/k/v/o/gate/up/down kernel and the lm_head (bf16, one array per layer as the model
+    keeps them), `steps` steps in one `fori_loop` as the sampler's decode loop runs them (XLA
+    treats loop-invariant weights differently inside a loop), best of `repeats` calls."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    shapes = [
+        (hidden, config.q_dim),
+        (hidden, config.kv_dim),
+        (hidden, config.kv_dim),
+        (config.q_dim, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
+    keys = iter(jax.random.split(jax.random.key(0), config.num_layers * len(shapes) + 2))
+    layers = [
+        [0.02 * jax.random.normal(next(keys), shape, jnp.bfloat16) for shape in shapes]
+        for _ in range(config.num_layers)
+    ]
+    head = 0.02 * jax.random.normal(next(keys), (hidden, config.vocab_size), jnp.bfloat16)
+    x = jax.random.normal(next(keys), (batch_size, 1, hidden), jnp.float32)  # [B, 1, D]
+
+    def step(_, x):
+        for wq, wk, wv, wo, wg, wu, wd in layers:
+            q, k, v = ops.matmul(x, wq), ops.matmul(x, wk), ops.matmul(x, wv)  # [B, 1, Hq*hd] ..
+            x = x + ops.matmul(q + (k[..., :1] + v[..., :1]), wo)  # [B, 1, D]
+            x = x + ops.matmul(ops.matmul(x, wg) * ops.matmul(x, wu), wd)  # [B, 1, D]
+        return x + ops.matmul(x, head)[..., :hidden]  # [B, 1, D]
+
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    run(x).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(x).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return batch_size * steps / min(seconds)
 
 
 def load_torch_model(checkpoint, dtype):
@@ -112,6 +158,9 @@ def main() -> None:
             prompts = chat_prompts(loaded.tokenizer, size)
             rows[size][label] = time_t2jax(sampler, prompts, args.new_tokens)
             print(f"batch {size}: {label} {rows[size][label]:.1f} tok/s", flush=True)
+    for size in batch_sizes:
+        rows[size]["matmul bound"] = matmul_bound(loaded.config, size)
+        print(f"batch {size}: matmul bound {rows[size]['matmul bound']:.1f} tok/s", flush=True)
     if not args.skip_transformers:
         import torch
 

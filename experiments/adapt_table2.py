@@ -1,9 +1,12 @@
 """The paper's Table 2 on subsets: base / prompt / cls-expert / few-shot on MATH, HumanEval and
-ARC-Challenge, with Table 3 (pass timings of the prompt strategy), the dispatch confusion matrices
-(Fig. 6) and the learned alpha (Fig. 7). All logic is in `t2jax.adapt` and `t2jax.reports`.
+ARC-Challenge, with Table 3 (pass timings of the prompt strategy), the dispatch confusion
+matrices (Fig. 6) and the learned alpha (Fig. 7). All logic is in `t2jax.adapt` and `t2jax.reports`.
 
 Every method answers the same items of each test split: the first --limit of those left after
 the official few-shot shots (seeds 27 / 16 / 38), the items the few-shot strategy reports on.
+Each cell is written to OUT/METHOD/TASK (samples.jsonl, summary.json) as soon as it finishes; a
+rerun with the same --out reuses finished cells (--restart recomputes them), and the tables and
+plots are built from those files.
 
     nice -n 19 python experiments/adapt_table2.py --model smollm2-135m-instruct \\
         --experts math=gsm8k.safetensors,code=mbpp.safetensors,reasoning=arc_easy.safetensors \\
@@ -22,8 +25,11 @@ from t2jax import experts as experts_lib
 from t2jax.loading import load_model
 from t2jax.tasks import get_task
 
+DISPATCH_METHODS = ("prompt", "cls")
 
-def main() -> None:
+
+def parse_args() -> argparse.Namespace:
+    """The command line (the few-shot options are `t2jax adapt`'s)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--experts", required=True, help="math=PATH,code=PATH,reasoning=PATH")
@@ -33,28 +39,80 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50, help="reported items per task")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     parser.add_argument("--classify-max-new-tokens", type=int, default=512)
-    parser.add_argument("--generations", type=int, default=50, help="CEM generations")
-    parser.add_argument("--alpha-shape", choices=("per-matrix", "global"), default="per-matrix")
-    parser.add_argument("--mix-space", choices=("z", "p"), default="z")
     parser.add_argument("--rows-per-call", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--cache-dir", default=None, help="SVD factor cache root")
     parser.add_argument("--out", default="runs/table2")
+    parser.add_argument("--restart", action="store_true", help="recompute finished cells")
+    adapt_cli.add_few_shot_arguments(parser.add_argument_group("few-shot CEM"))
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(reports.METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; use {', '.join(reports.METHODS)}")
+    if "cls" in methods and args.cls_expert is None:
+        parser.error("the cls method needs --cls-expert")
+    return args
 
+
+def read_cell(cell_dir: pathlib.Path) -> tuple[list[dict], dict]:
+    """The records and summary a finished cell wrote."""
+    lines = (cell_dir / "samples.jsonl").read_text().splitlines()
+    summary = json.loads((cell_dir / "summary.json").read_text())
+    return [json.loads(line) for line in lines], summary
+
+
+def write_cell(cell_dir: pathlib.Path, records: list[dict], summary: dict) -> None:
+    """Writes a cell's records, then its summary (the marker of a finished cell)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    (cell_dir / "samples.jsonl").write_text(lines)
+    (cell_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_reports(
+    out: pathlib.Path,
+    model_name: str,
+    expert_names: tuple[str, ...],
+    records: dict[str, dict[str, list[dict]]],
+    summaries: dict[str, dict[str, dict]],
+) -> None:
+    """Table 2 (md + json), Table 3, the confusion and alpha plots, from the cells' files."""
+    table = reports.table2(summaries, model=model_name)
+    print(reports.write_table2(table, out).read_text())
+    if "prompt" in summaries:
+        timing = reports.timing_markdown(summaries["prompt"])
+        (out / "table3.md").write_text(timing)
+        print(timing)
+    confusions = {
+        reports.METHOD_TITLES[method]: adapt.dispatch_confusion(
+            {task: [r["category"] for r in rows] for task, rows in records[method].items()}
+        )
+        for method in DISPATCH_METHODS
+        if method in records
+    }
+    if confusions:
+        reports.plot_confusions(confusions, out / "confusion.png")
+    if "fewshot" in summaries:
+        alphas = {task: summary["alpha"] for task, summary in summaries["fewshot"].items()}
+        reports.plot_alpha(alphas, expert_names, out / "alpha.png")
+
+
+def main() -> None:
+    args = parse_args()
     paths = adapt_cli.parse_expert_paths(args.experts)
     experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
     classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
     loaded = load_model(args.model)
-    model = adapt.build_expert_model(loaded, experts, classifier)
-    few_shot = adapt.FewShotConfig(
-        generations=args.generations,
-        alpha_shape=args.alpha_shape.replace("-", "_"),
-        mix_space=args.mix_space,
-        rows_per_call=args.rows_per_call,
-    )
+    model = adapt.build_expert_model(loaded, experts, classifier, cache_root=args.cache_dir)
+    few_shot = adapt_cli.few_shot_config(args)
     out = pathlib.Path(args.out)
-    results: dict[str, dict[str, dict]] = {}
-    runs: dict[str, dict[str, adapt.AdaptRun]] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "options.json").write_text(
+        json.dumps({**vars(args), "few_shot": dataclasses.asdict(few_shot)}, indent=2) + "\n"
+    )
+    records: dict[str, dict[str, list[dict]]] = {}
+    summaries: dict[str, dict[str, dict]] = {}
     for task_name in args.tasks.split(","):
         task = get_task(task_name)
         items = task.load("test", data_dir=args.data_dir)
@@ -66,36 +124,17 @@ def main() -> None:
             few_shot=few_shot,
         )
         for method in args.methods.split(","):
-            run = adapt.evaluate_method(
-                model, method, task, items, options, limit=args.limit, progress=True
-            )
-            records, summary = adapt.score_run(run, task)
-            run_dir = out / method / task_name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            (run_dir / "samples.jsonl").write_text(lines)
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            results.setdefault(method, {})[task_name] = summary
-            runs.setdefault(method, {})[task_name] = run
+            cell_dir = out / method / task_name
+            if args.restart or not (cell_dir / "summary.json").exists():
+                run = adapt.evaluate_method(
+                    model, method, task, items, options, limit=args.limit, progress=True
+                )
+                write_cell(cell_dir, *adapt.score_run(run, task))
+            cell_records, summary = read_cell(cell_dir)
+            records.setdefault(method, {})[task_name] = cell_records
+            summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
-
-    table = reports.table2(results, model=args.model)
-    print(reports.write_table2(table, out).read_text())
-    if "prompt" in results:
-        timing = reports.timing_markdown(results["prompt"])
-        (out / "table3.md").write_text(timing)
-        print(timing)
-    confusions = {
-        reports.METHOD_TITLES[method]: adapt.dispatch_confusion(runs[method])
-        for method in ("prompt", "cls")
-        if method in runs
-    }
-    if confusions:
-        reports.plot_confusions(confusions, out / "confusion.png")
-    if "fewshot" in runs:
-        alphas = {t: run.few_shot.alpha for t, run in runs["fewshot"].items()}
-        reports.plot_alpha(alphas, tuple(model.experts), out / "alpha.png")
-    (out / "options.json").write_text(json.dumps(dataclasses.asdict(few_shot), indent=2) + "\n")
+    write_reports(out, args.model, tuple(model.experts), records, summaries)
 
 
 if __name__ == "__main__":

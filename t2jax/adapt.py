@@ -981,10 +981,10 @@ def score_run(run: AdaptRun, task: Task | None = None) -> tuple[list[dict], dict
     return records, summary
 
 
-def dispatch_confusion(runs: Mapping[str, AdaptRun]) -> np.ndarray:
-    """Confusion counts [3, 4] of dispatch runs keyed by task name (see
+def dispatch_confusion(categories: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Confusion counts [3, 4] of dispatch decisions keyed by task name (see
     `reports.confusion_counts`): the true category of each task's items is the expertise the
-    task needs (`CATEGORY_OF_TASK`)."""
-    truth = [CATEGORY_OF_TASK[name] for name, run in runs.items() for _ in run.examples]
-    predicted = [category for run in runs.values() for category in run.dispatch.categories]
+    task needs (`CATEGORY_OF_TASK`); `categories[task]` are the dispatched ones."""
+    truth = [CATEGORY_OF_TASK[name] for name, chosen in categories.items() for _ in chosen]
+    predicted = [category for chosen in categories.values() for category in chosen]
     return reports.confusion_counts(truth, predicted)

@@ -59,27 +59,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--official-quirks", action="store_true", help="official (Llama-3) prompt rendering"
     )
-    few_shot = parser.add_argument_group("few-shot CEM")
-    few_shot.add_argument("--shots", type=int, default=10)
-    few_shot.add_argument("--few-shot-seed", type=int, default=None, help="default: official")
-    few_shot.add_argument("--generations", type=int, default=50)
-    few_shot.add_argument("--population", type=int, default=32)
-    few_shot.add_argument("--elite-ratio", type=float, default=0.2)
-    few_shot.add_argument("--alpha-shape", choices=("per-matrix", "global"), default="per-matrix")
-    few_shot.add_argument(
-        "--mix-space", choices=("z", "p"), default="z", help="p: raw parameters (official code)"
-    )
-    few_shot.add_argument("--no-tie-break", action="store_true")
-    few_shot.add_argument(
-        "--per-candidate",
-        action="store_true",
-        help="score each candidate in its own merged call (faster on CPUs from ~3 shots)",
-    )
-    few_shot.add_argument("--seed", type=int, default=0, help="CEM seed")
+    add_few_shot_arguments(parser.add_argument_group("few-shot CEM"))
     parser.add_argument("--cache-dir", default=None, help="SVD factor cache root")
     parser.add_argument("--out", default=None, help="default: runs/adapt/MODEL-STRATEGY-TASK")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run_adapt)
+
+
+def add_few_shot_arguments(group) -> None:
+    """The few-shot CEM options (read back by `few_shot_config`) on a parser or argument group."""
+    group.add_argument("--shots", type=int, default=10)
+    group.add_argument("--few-shot-seed", type=int, default=None, help="default: official")
+    group.add_argument("--generations", type=int, default=50)
+    group.add_argument("--population", type=int, default=32)
+    group.add_argument("--elite-ratio", type=float, default=0.2)
+    group.add_argument("--alpha-shape", choices=("per-matrix", "global"), default="per-matrix")
+    group.add_argument(
+        "--mix-space", choices=("z", "p"), default="z", help="p: raw parameters (official code)"
+    )
+    group.add_argument("--no-tie-break", action="store_true")
+    group.add_argument(
+        "--per-candidate",
+        action="store_true",
+        help="score each candidate in its own merged call (faster on CPUs from ~3 shots)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="CEM seed")
+
+
+def few_shot_config(args: argparse.Namespace):  # -> adapt.FewShotConfig (imported lazily)
+    """The `adapt.FewShotConfig` of the options `add_few_shot_arguments` added (and
+    --rows-per-call)."""
+    from t2jax import adapt
+
+    return adapt.FewShotConfig(
+        shots=args.shots,
+        generations=args.generations,
+        population_size=args.population,
+        elite_ratio=args.elite_ratio,
+        alpha_shape=args.alpha_shape.replace("-", "_"),
+        mix_space=args.mix_space,
+        tie_break=not args.no_tie_break,
+        seed=args.seed,
+        split_seed=args.few_shot_seed,
+        rows_per_call=args.rows_per_call,
+        per_candidate=args.per_candidate,
+    )
 
 
 def parse_expert_paths(spec: str) -> dict[str, str]:
@@ -174,19 +198,6 @@ def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported
     from t2jax import adapt
     from t2jax.tasks import OFFICIAL_STOP_STRINGS
 
-    few_shot = adapt.FewShotConfig(
-        shots=args.shots,
-        generations=args.generations,
-        population_size=args.population,
-        elite_ratio=args.elite_ratio,
-        alpha_shape=args.alpha_shape.replace("-", "_"),
-        mix_space=args.mix_space,
-        tie_break=not args.no_tie_break,
-        seed=args.seed,
-        split_seed=args.few_shot_seed,
-        rows_per_call=args.rows_per_call,
-        per_candidate=args.per_candidate,
-    )
     default_tokens = task.max_new_tokens if task is not None else 512
     return adapt.AdaptOptions(
         max_new_tokens=args.max_new_tokens or default_tokens,
@@ -195,7 +206,7 @@ def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported
         classify_max_new_tokens=args.classify_max_new_tokens,
         official_other=args.official_other,
         official_quirks=args.official_quirks,
-        few_shot=few_shot,
+        few_shot=few_shot_config(args),
     )
 
 
@@ -220,7 +231,7 @@ def _plot(out: pathlib.Path, run, task_name: str | None) -> None:
     from t2jax import adapt, reports
 
     if run.dispatch is not None and task_name in adapt.CATEGORY_OF_TASK:
-        counts = adapt.dispatch_confusion({task_name: run})
+        counts = adapt.dispatch_confusion({task_name: run.dispatch.categories})
         reports.plot_confusions({run.strategy: counts}, out / "confusion.png")
     if run.few_shot is not None:
         alphas = {task_name: run.few_shot.alpha}

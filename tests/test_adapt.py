@@ -4,6 +4,9 @@ one candidate at a time, the log-likelihood tie-break scorer, the few-shot split
 two-pass pipeline end to end through `t2jax adapt`."""
 
 import json
+import pathlib
+import runpy
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -303,7 +306,12 @@ def test_table2_markdown_json_and_plots(tmp_path):
         0.0,
         dispatch=adapt.Dispatch(categories=("code", "other"), outputs=("", "")),
     )
-    assert adapt.dispatch_confusion({"humaneval": run}).tolist()[0] == [1, 0, 0, 1]
+    assert adapt.dispatch_confusion({"humaneval": run.dispatch.categories}).tolist()[0] == [
+        1,
+        0,
+        0,
+        1,
+    ]
     with pytest.raises(ValueError, match="cannot count"):
         reports.confusion_counts(["physics"], ["math"])
     reports.plot_confusions({"base": counts, "cls-expert": counts}, tmp_path / "confusion.png")
@@ -437,3 +445,55 @@ def test_free_prompts_and_clear_errors(setup, tmp_path, capsys):
         argv = ["adapt", "--model", "unused", "--experts", experts, "--strategy", "prompt"]
         assert cli.main([*argv, "--prompt", "x"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch):
+    root, _ = setup
+    experts = ",".join(f"{name}={root / name}.safetensors" for name in EXPERT_NAMES)
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "adapt_table2.py"
+    argv = [
+        str(script),
+        "--model",
+        str(root / "model"),
+        "--experts",
+        experts,
+        "--cls-expert",
+        str(root / "cls.safetensors"),
+        "--cache-dir",
+        str(root / "svd"),
+        "--tasks",
+        "arc_challenge",
+        "--methods",
+        "base,cls,fewshot",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--classify-max-new-tokens",
+        str(NEW_TOKENS),
+        "--shots",
+        "2",
+        "--generations",
+        "1",
+        "--population",
+        "4",
+        "--elite-ratio",
+        "0.5",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+
+    table = json.loads((tmp_path / "table2.json").read_text())
+    assert [row["method"] for row in table["rows"]] == ["base", "cls", "fewshot"]
+    assert all(row["cells"]["arc_challenge"]["n"] == 2 for row in table["rows"])
+    assert (tmp_path / "confusion.png").exists() and (tmp_path / "alpha.png").exists()
+
+    # A rerun reuses finished cells: an edited summary shows up in the rebuilt table.
+    summary_path = tmp_path / "cls" / "arc_challenge" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "accuracy": 0.123}))
+    runpy.run_path(str(script), run_name="__main__")
+    table = json.loads((tmp_path / "table2.json").read_text())
+    assert table["rows"][1]["cells"]["arc_challenge"]["accuracy"] == 0.123
