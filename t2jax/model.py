@@ -403,6 +403,7 @@ def forward(
     svf: svf_lib.ModelSVF | None = None,
     *,
     empty_cache: bool = False,
+    remat: bool = False,
 ) -> tuple[Array, KVCache | None]:
     """Runs the decoder and returns final-norm hidden states and the updated cache.
 
@@ -417,6 +418,9 @@ def forward(
         svf: SVF adaptation (merged or factored) of some kernels, or None for the base model.
         empty_cache: `cache` holds nothing yet (a prefill): its slots are written but not
             attended to, which skips attention over S empty slots.
+        remat: recompute each layer's activations in the backward pass instead of keeping them
+            (`jax.checkpoint` per layer): training memory grows with one layer's activations
+            rather than all of them, for about one more forward pass of compute.
 
     Returns:
         hidden: [B, T, D] hidden states after the final norm (feed to `logits`).
@@ -446,6 +450,8 @@ def forward(
             inv_freq,
         )
 
+    if remat:
+        step = jax.checkpoint(step)
     svf_layers = None if svf is None else svf.layers
     caches = None if cache is None else (cache.k, cache.v)
     if is_stacked(weights.layers):

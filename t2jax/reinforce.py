@@ -123,6 +123,7 @@ class LossOptions:
         kl_direction: see `t2jax.logprobs.kl_from_log_probs`.
         length_normalize: divide each log-likelihood by its token count.
         logprob_chunk: sequence positions per log-softmax chunk.
+        remat: recompute layer activations in the backward pass (`model.forward(remat=...)`).
     """
 
     parametrization: svf_lib.Parametrization = svf_lib.OFFICIAL_PARAMETRIZATION
@@ -131,6 +132,7 @@ class LossOptions:
     kl_direction: str = "ref_policy"
     length_normalize: bool = False
     logprob_chunk: int = 128
+    remat: bool = False
 
     @classmethod
     def from_config(cls, svf_config: SVFSection, rl: RLConfig) -> LossOptions:
@@ -142,6 +144,7 @@ class LossOptions:
             kl_direction=rl.kl_direction,
             length_normalize=rl.length_normalize,
             logprob_chunk=rl.logprob_chunk,
+            remat=rl.remat,
         )
 
 
@@ -180,12 +183,13 @@ def _hidden_states(
     z: svf_lib.ZVectors,
     mode: str,
     batch: PolicyBatch,
+    remat: bool = False,
 ) -> Array:
     """Teacher-forced final hidden states [N, T, D] of the model adapted by z."""
     svf = svd.svf_from_factors(factors, z, mode)
     positions = model_lib.positions_from_mask(batch.token_mask)  # [N, T]
     hidden, _ = model_lib.forward(
-        config, weights, batch.tokens, positions, batch.token_mask, svf=svf
+        config, weights, batch.tokens, positions, batch.token_mask, svf=svf, remat=remat
     )
     return hidden  # [N, T, D]
 
@@ -208,7 +212,9 @@ def microbatch_loss(
         (loss share, sums over the microbatch's real rows: "log_likelihood", "kl", "tokens").
     """
     z = svf_lib.z_of(params, options.parametrization)
-    hidden = _hidden_states(config, weights, factors, z, options.mode, batch)  # [N, T, D]
+    hidden = _hidden_states(
+        config, weights, factors, z, options.mode, batch, options.remat
+    )  # [N, T, D]
     reference = None
     if options.kl_coeff > 0:
         base_z = _uniform_z(factors)

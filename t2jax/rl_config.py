@@ -175,6 +175,9 @@ class RLConfig:
             after the prompt's) or "sampled" (the sampler's own ids, cut at the stop string).
         logprob_chunk: sequence positions per chunk of the log-softmax (the [B, T, V] logits
             are never materialized at once).
+        remat: recompute each layer's activations in the backward pass (`jax.checkpoint`):
+            peak memory of the gradient step drops from all layers' activations to one
+            layer's, for about one extra forward pass. Use it when a step runs out of memory.
         rollout_batch_size: prompts per sampler call (None: the whole batch).
     """
 
@@ -198,6 +201,7 @@ class RLConfig:
     require_extracted_answer: bool = False
     completion_tokens: str = "retokenize"
     logprob_chunk: int = 128
+    remat: bool = False
     rollout_batch_size: int | None = None
 
     def __post_init__(self):

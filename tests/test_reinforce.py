@@ -288,3 +288,28 @@ def test_optimizers(optimizer):
         np.testing.assert_allclose(sizes, 0.1, rtol=1e-3)
     else:
         assert sizes[0] == pytest.approx(0.1, rel=1e-3) and sizes[-1] < 0.01
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+def test_remat_keeps_the_gradient_and_lowers_its_memory(stacked):
+    weights, factors = _frozen(stacked=stacked)
+    params = _params(factors)
+    batch, _ = _batch([1.0, -1.0, 0.5, -0.25], rows=4)
+    num_rows = jnp.asarray(4.0)
+
+    def compiled_gradient(remat):
+        options = reinforce.LossOptions.from_config(SVF, dataclasses.replace(RL, remat=remat))
+
+        def loss(params):
+            return reinforce.microbatch_loss(
+                params, CONFIG, options, weights, factors, batch, num_rows
+            )[0]
+
+        return jax.jit(jax.grad(loss)).lower(params).compile()
+
+    plain, remat = compiled_gradient(False), compiled_gradient(True)
+    plain_grads, remat_grads = plain(params), remat(params)
+    for key in params:
+        np.testing.assert_allclose(remat_grads[key], plain_grads[key], rtol=1e-4, atol=1e-6)
+    plain_bytes = plain.memory_analysis().temp_size_in_bytes
+    assert remat.memory_analysis().temp_size_in_bytes < plain_bytes
