@@ -78,6 +78,8 @@ RUN_INFO_FILE = "run_info.json"
 SUMMARY_FILE = "summary.json"
 BEST_EXPERT_FILE = "best_expert.safetensors"
 FINAL_EXPERT_FILE = "final_expert.safetensors"
+# Rewritten at every checkpoint: usable while a run is going or after it was stopped.
+LATEST_EXPERT_FILE = "latest_expert.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,7 +699,8 @@ class Trainer:
 
     Files written by the main process: config.json (resolved config), run_info.json (git
     revision, JAX version, devices), metrics.jsonl, tensorboard/, eval/step_N/SPLIT/ (per-sample
-    records), checkpoints/ (orbax), best_expert.safetensors, final_expert.safetensors,
+    records), checkpoints/ (orbax), best_expert.safetensors, latest_expert.safetensors (the
+    params of the newest checkpoint, written just before it), final_expert.safetensors,
     learning_curve.png and summary.json (written last: the run is finished).
     """
 
@@ -802,6 +805,7 @@ class Trainer:
                     "best_step": best.step,
                     "elapsed_s": elapsed,
                 }
+                self._export(tree["state"].params, LATEST_EXPERT_FILE)
                 self.checkpoints.save(step, tree, meta)
             bar.update(1)
             bar.set_postfix(

@@ -137,9 +137,13 @@ def test_killed_run_resumes_to_the_same_expert_and_metrics(model_dir, tmp_path):
 
     reached = _kill_after_checkpoint(command, dict(os.environ), tmp_path / "b", step=3)
     assert 3 <= reached < 6 and not (tmp_path / "b" / "summary.json").exists()
+    assert experts.load_expert(tmp_path / "b" / "latest_expert.safetensors").targets  # usable
     uninterrupted = reinforce.train(complete)
     resumed = reinforce.train(killed)
 
+    final = experts.load_expert(tmp_path / "a" / "final_expert.safetensors").params
+    latest = experts.load_expert(tmp_path / "a" / "latest_expert.safetensors").params
+    assert all(np.array_equal(latest[key], final[key]) for key in final)
     for name in ("best_expert.safetensors", "final_expert.safetensors"):
         a = experts.load_expert(tmp_path / "a" / name).params
         b = experts.load_expert(tmp_path / "b" / name).params
