@@ -6,7 +6,7 @@ Every method answers the same items of each test split: the first --limit of tho
 the official few-shot shots (seeds 27 / 16 / 38), the items the few-shot strategy reports on.
 Each cell is written to OUT/METHOD/TASK (samples.jsonl, summary.json) as soon as it finishes; a
 rerun with the same --out reuses finished cells (--restart recomputes them), and the tables and
-plots are built from those files.
+plots are built from those files (--report-only rebuilds them from whatever cells are done).
 
     nice -n 19 python experiments/adapt_table2.py --model smollm2-135m-instruct \\
         --experts math=gsm8k.safetensors,code=mbpp.safetensors,reasoning=arc_easy.safetensors \\
@@ -44,6 +44,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="SVD factor cache root")
     parser.add_argument("--out", default="runs/table2")
     parser.add_argument("--restart", action="store_true", help="recompute finished cells")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild the tables and plots from the finished cells; run nothing",
+    )
     adapt_cli.add_few_shot_arguments(parser.add_argument_group("few-shot CEM"))
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -98,43 +103,58 @@ def write_reports(
         reports.plot_alpha(alphas, expert_names, out / "alpha.png")
 
 
+def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathlib.Path) -> None:
+    """Runs one method on one task's reported items and writes the cell's files."""
+    task = get_task(task_name)
+    items = task.load("test", data_dir=args.data_dir)
+    options = adapt.AdaptOptions(
+        max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+        stop_strings=tuple(task.stop_strings),
+        rows_per_call=args.rows_per_call,
+        classify_max_new_tokens=args.classify_max_new_tokens,
+        few_shot=few_shot,
+    )
+    run = adapt.evaluate_method(
+        model, method, task, items, options, limit=args.limit, progress=True
+    )
+    write_cell(cell_dir, *adapt.score_run(run, task))
+
+
 def main() -> None:
     args = parse_args()
     paths = adapt_cli.parse_expert_paths(args.experts)
-    experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
-    classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
-    loaded = load_model(args.model)
-    model = adapt.build_expert_model(loaded, experts, classifier, cache_root=args.cache_dir)
     few_shot = adapt_cli.few_shot_config(args)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "options.json").write_text(
-        json.dumps({**vars(args), "few_shot": dataclasses.asdict(few_shot)}, indent=2) + "\n"
-    )
+    model = None  # loaded when the first cell has to run
     records: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, dict]] = {}
     for task_name in args.tasks.split(","):
-        task = get_task(task_name)
-        items = task.load("test", data_dir=args.data_dir)
-        options = adapt.AdaptOptions(
-            max_new_tokens=args.max_new_tokens or task.max_new_tokens,
-            stop_strings=tuple(task.stop_strings),
-            rows_per_call=args.rows_per_call,
-            classify_max_new_tokens=args.classify_max_new_tokens,
-            few_shot=few_shot,
-        )
         for method in args.methods.split(","):
             cell_dir = out / method / task_name
-            if args.restart or not (cell_dir / "summary.json").exists():
-                run = adapt.evaluate_method(
-                    model, method, task, items, options, limit=args.limit, progress=True
-                )
-                write_cell(cell_dir, *adapt.score_run(run, task))
+            finished = (cell_dir / "summary.json").exists()
+            if args.report_only and not finished:
+                print(f"{method} {task_name}: not run")
+                continue
+            if args.restart or not finished:
+                if model is None:
+                    model = load_expert_model(args, paths)
+                    out.mkdir(parents=True, exist_ok=True)
+                    options = {**vars(args), "few_shot": dataclasses.asdict(few_shot)}
+                    (out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
+                run_cell(model, args, few_shot, task_name, method, cell_dir)
             cell_records, summary = read_cell(cell_dir)
             records.setdefault(method, {})[task_name] = cell_records
             summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
-    write_reports(out, args.model, tuple(model.experts), records, summaries)
+    write_reports(out, args.model, tuple(paths), records, summaries)
+
+
+def load_expert_model(args, paths: dict[str, str]) -> adapt.ExpertModel:
+    """The model with its experts (and the classifier, when given)."""
+    experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
+    classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
+    loaded = load_model(args.model)
+    return adapt.build_expert_model(loaded, experts, classifier, cache_root=args.cache_dir)
 
 
 if __name__ == "__main__":

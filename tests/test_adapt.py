@@ -497,3 +497,12 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     runpy.run_path(str(script), run_name="__main__")
     table = json.loads((tmp_path / "table2.json").read_text())
     assert table["rows"][1]["cells"]["arc_challenge"]["accuracy"] == 0.123
+
+    # --report-only runs nothing: a method without finished cells gets no row.
+    methods = argv.index("--methods") + 1
+    argv[methods] = "base,prompt"
+    monkeypatch.setattr(sys, "argv", [*argv, "--report-only"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert not (tmp_path / "prompt").exists()
+    table = json.loads((tmp_path / "table2.json").read_text())
+    assert [row["method"] for row in table["rows"]] == ["base"]
