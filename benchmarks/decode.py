@@ -10,7 +10,7 @@ weights (plain nn.Linear layers holding the same dequantized tensors). Needs tor
 
 The "matmul bound" column is the throughput of a decoder whose steps cost only their matmuls
 (every layer kernel and the lm_head at the batch's rows, bf16 weights as `ops.matmul` runs them,
-prefill free): no XLA decoder on this machine can beat it, whatever it fuses.
+prefill free): a decoder that runs these matmuls cannot beat it, whatever else it removes.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from t2jax import adapt, adapt_cli, reports
 from t2jax import experts as experts_lib
 from t2jax.loading import load_model
 from t2jax.tasks import get_task
+from t2jax.tasks.data import read_jsonl
 
 DISPATCH_METHODS = ("prompt", "cls")
 
@@ -61,18 +62,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def read_cell(cell_dir: pathlib.Path) -> tuple[list[dict], dict]:
-    """The records and summary a finished cell wrote."""
-    lines = (cell_dir / "samples.jsonl").read_text().splitlines()
+    """The records and summary a finished cell wrote (`adapt_cli.write_run`)."""
     summary = json.loads((cell_dir / "summary.json").read_text())
-    return [json.loads(line) for line in lines], summary
-
-
-def write_cell(cell_dir: pathlib.Path, records: list[dict], summary: dict) -> None:
-    """Writes a cell's records, then its summary (the marker of a finished cell)."""
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    (cell_dir / "samples.jsonl").write_text(lines)
-    (cell_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return read_jsonl(cell_dir / "samples.jsonl"), summary
 
 
 def write_reports(
@@ -117,7 +109,7 @@ def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathl
     run = adapt.evaluate_method(
         model, method, task, items, options, limit=args.limit, progress=True
     )
-    write_cell(cell_dir, *adapt.score_run(run, task))
+    adapt_cli.write_run(cell_dir, *adapt.score_run(run, task))
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         )
     records, summary = adapt.score_run(run, task if not args.prompt else None)
     out = pathlib.Path(args.out or _default_out(args))
-    _write(out, records, summary)
+    write_run(out, records, summary)
     _plot(out, run, args.task)
     keys = ("strategy", "task", "n", "accuracy", "first_pass_seconds", "second_pass_seconds")
     print(json.dumps({key: summary[key] for key in keys if key in summary}))
@@ -215,7 +215,8 @@ def _default_out(args: argparse.Namespace) -> str:
     return f"runs/adapt/{model_name}-{args.strategy}-{args.task or 'prompts'}"
 
 
-def _write(out: pathlib.Path, records: list[dict], summary: dict) -> None:
+def write_run(out: pathlib.Path, records: list[dict], summary: dict) -> None:
+    """Writes a scored run to `out`: samples.jsonl, then summary.json and summary.md."""
     from t2jax import reports
 
     out.mkdir(parents=True, exist_ok=True)
