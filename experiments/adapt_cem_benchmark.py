@@ -8,7 +8,9 @@ CEM from alpha = 1/K, per-matrix) on `--shots` shots of a task:
 (`--rows-per-call` splits the batched call, e.g. to bound memory.) Both are
 `adapt.score_population` (batched, or `per_candidate=True`; generation + scoring, tie-break off
 so both do the same work) in the same process; each is run once after a compile run of the same
-shapes with one new token. The completions of both are compared.
+shapes with one new token. The completions of both are compared. Each is also timed with one new
+token: that is the prefill (plus, sequentially, the merges), which both approaches pay per row
+because every candidate's W' changes every layer's hidden states.
 
 Without `--experts`, three random but valid experts are used (p = 0.1 + 0.5 N(0, 1), z =
 sigmoid(p)); the cost does not depend on what experts learned, only the completions (and so
@@ -103,6 +105,8 @@ def main() -> None:
         )
 
     score(z_population, 1, False), score(first_candidate, 1, True)  # compile both shapes
+    batched_prefill, _ = seconds(lambda: score(z_population, 1, False))
+    sequential_prefill, _ = seconds(lambda: score(z_population, 1, True))
     batched_seconds, batched = seconds(lambda: score(z_population, args.max_new_tokens, False))
     sequential_seconds, alone = seconds(lambda: score(z_population, args.max_new_tokens, True))
     first = {k: v[0] for k, v in first_candidate.items()}
@@ -129,14 +133,17 @@ def main() -> None:
         f"{args.task}: {args.shots} shots (prompt tokens {min(lengths)}-{max(lengths)}), "
         f"population {args.population}, max {args.max_new_tokens} new tokens\n"
     )
-    print(f"{'approach':<44}{'calls':>6}{'rows/call':>10}{'seconds':>10}{'speedup':>9}")
+    print(
+        f"{'approach':<44}{'calls':>6}{'rows/call':>10}{'seconds':>10}"
+        f"{'1 token (s)':>13}{'speedup':>9}"
+    )
     print(
         f"{'batched: one z per row (factored)':<44}{calls:>6}{-(-rows // calls):>10}"
-        f"{batched_seconds:>10.1f}{1.0:>9.2f}"
+        f"{batched_seconds:>10.1f}{batched_prefill:>13.1f}{1.0:>9.2f}"
     )
     print(
         f"{'sequential: merge + generate per candidate':<44}{args.population:>6}"
-        f"{args.shots:>10}{sequential_seconds:>10.1f}"
+        f"{args.shots:>10}{sequential_seconds:>10.1f}{sequential_prefill:>13.1f}"
         f"{sequential_seconds / batched_seconds:>9.2f}"
     )
     print(f"\nmerge of one candidate's W' (part of sequential): {merge_seconds:.2f} s")

@@ -393,6 +393,17 @@ def init_cache(
     return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
 
 
+def take_cache_rows(cache: KVCache, rows: Array) -> KVCache:
+    """The cache of batch rows `rows` [B'] (in that order), in either layer layout. Jit-able."""
+
+    def take(x: Array) -> Array:  # [L, B, K, S, H] or [B, K, S, H]
+        return jnp.take(x, rows, axis=x.ndim - 4)  # [L, B', K, S, H] or [B', K, S, H]
+
+    k, v = jax.tree.map(take, (cache.k, cache.v))
+    valid = jnp.take(cache.valid, rows, axis=0)  # [B', S]
+    return KVCache(k=k, v=v, valid=valid, index=cache.index)
+
+
 def forward(
     config: ModelConfig,
     weights: Weights,

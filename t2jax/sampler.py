@@ -5,7 +5,8 @@ and pads never shift RoPE positions. The output buffer has a bucketed static len
 new tokens, the temperature and top-p are traced arrays, so changing them never recompiles. The loop
 stops as soon as every row has produced an end id. Stop strings need the tokenizer, so they are
 checked on the host between decode chunks (rows that hit one are marked done) and the text is cut
-at the stop string.
+at the stop string. Between chunks, once at most half of the rows are still generating, the batch
+is compacted to those rows (`SamplerConfig.compact_rows`): finished rows stop costing compute.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import numpy as np
 
 from t2jax import model as model_lib
 from t2jax.config import ModelConfig, SamplerConfig
-from t2jax.svf import ModelSVF, pad_expert_rows
+from t2jax.svf import ModelSVF, pad_expert_rows, take_expert_rows
 
 Array = jax.Array
 
-STOP_CHECK_CHUNK = 32  # decode steps between host-side stop-string checks
+STOP_CHECK_CHUNK = 32  # decode steps between host-side checks (stop strings, compaction)
 
 # Every decode step reads each layer's cache and then updates it in place. XLA:CPU's default copy
 # insertion cannot prove that order and copies every layer's cache every step (120 copies of
@@ -200,6 +201,70 @@ def decode(
     return jax.lax.while_loop(keep_going, one_token, state)
 
 
+@jax.jit
+def take_rows(
+    state: DecodeState, svf: ModelSVF | None, rows: Array
+) -> tuple[DecodeState, ModelSVF | None]:
+    """The decode state, and per-row experts, of batch rows `rows` [B'] (in that order)."""
+
+    def take(x: Array) -> Array:  # [B, ...]
+        return jnp.take(x, rows, axis=0)  # [B', ...]
+
+    kept = DecodeState(
+        cache=model_lib.take_cache_rows(state.cache, rows),
+        tokens=take(state.tokens),
+        next_token=take(state.next_token),
+        next_position=take(state.next_position),
+        done=take(state.done),
+        lengths=take(state.lengths),
+        step=state.step,
+    )
+    return kept, None if svf is None else take_expert_rows(svf, rows)
+
+
+def compacted_rows(done: np.ndarray, multiple: int = 1) -> np.ndarray | None:
+    """Rows to keep once at most half of a batch is still generating: every live row, plus
+    finished ones up to a power of two rounded up to `multiple` (so batch shapes, and their
+    compilations, repeat). None when that would not at least halve the batch."""
+    live = np.flatnonzero(~done)
+    size = 1 << max(len(live) - 1, 0).bit_length()
+    size = -(-size // multiple) * multiple
+    if 2 * size > len(done):
+        return None
+    filler = np.flatnonzero(done)[: size - len(live)]
+    return np.sort(np.concatenate([live, filler]))
+
+
+@dataclasses.dataclass
+class _Rows:
+    """Host copy of each prompt row's output, filled as rows leave the batch (compaction) and at
+    the end. `batch_rows[i]` is the original row of batch row i."""
+
+    tokens: np.ndarray  # [R, N] int32
+    lengths: np.ndarray  # [R] int32
+    done: np.ndarray  # [R] bool
+    stopped: np.ndarray  # [R] bool: ended by a stop string
+    batch_rows: np.ndarray  # [B] int: original row of each batch row
+
+    @classmethod
+    def empty(cls, rows: int, out_length: int) -> _Rows:
+        return cls(
+            tokens=np.zeros((rows, out_length), np.int32),
+            lengths=np.zeros(rows, np.int32),
+            done=np.zeros(rows, bool),
+            stopped=np.zeros(rows, bool),
+            batch_rows=np.arange(rows),
+        )
+
+    def store(self, state: DecodeState, stopped: np.ndarray) -> None:
+        """Copies the batch's current outputs to their original rows."""
+        rows = self.batch_rows
+        self.tokens[rows] = np.asarray(state.tokens)
+        self.lengths[rows] = np.asarray(state.lengths)
+        self.done[rows] = np.asarray(state.done)
+        self.stopped[rows] = stopped
+
+
 class Sampler:
     """Generates text for batches of prompts with a loaded model.
 
@@ -302,7 +367,9 @@ class Sampler:
             top_p_array,
             eos_ids,
         )
-        chunk = STOP_CHECK_CHUNK if stop_strings else max_new_tokens
+        compact = self.sampler_config.compact_rows
+        chunk = STOP_CHECK_CHUNK if stop_strings or compact else max_new_tokens
+        outputs = _Rows.empty(rows, state.tokens.shape[1])
         stopped = np.zeros(rows, bool)
         while True:
             target = min(int(state.step) + chunk, max_new_tokens)
@@ -321,7 +388,13 @@ class Sampler:
                 state, stopped = self._apply_stop_strings(state, stop_strings, stopped)
             if int(state.step) >= max_new_tokens or bool(jnp.all(state.done)):
                 break
-        return self._finish(state, len(token_lists), stop_strings, stopped)
+            kept = compacted_rows(np.asarray(state.done), self.batch_multiple) if compact else None
+            if kept is not None:
+                outputs.store(state, stopped)
+                state, svf = take_rows(state, svf, jnp.asarray(kept, jnp.int32))
+                outputs.batch_rows, stopped = outputs.batch_rows[kept], stopped[kept]
+        outputs.store(state, stopped)
+        return self._finish(outputs, len(token_lists), stop_strings)
 
     def _place(self, array: np.ndarray) -> Array:
         """A host array (the same on every process) as a global array with the batch sharding;
@@ -346,18 +419,15 @@ class Sampler:
         new_done = jnp.asarray(done | stopped)
         return dataclasses.replace(state, done=new_done), stopped
 
-    def _finish(
-        self, state: DecodeState, num_prompts: int, stop_strings: Sequence[str], stopped: np.ndarray
-    ) -> Generation:
-        tokens, lengths, done = (np.asarray(x) for x in (state.tokens, state.lengths, state.done))
+    def _finish(self, outputs: _Rows, num_prompts: int, stop_strings: Sequence[str]) -> Generation:
         texts, token_ids, reasons = [], [], []
         for row in range(num_prompts):
-            ids = tokens[row, : lengths[row]].tolist()
+            ids = outputs.tokens[row, : outputs.lengths[row]].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             cut = _cut_at_stop_string(text, stop_strings)
-            if stopped[row] or cut != text:
+            if outputs.stopped[row] or cut != text:
                 reasons.append("stop")
-            elif done[row]:
+            elif outputs.done[row]:
                 reasons.append("eos")
             else:
                 reasons.append("length")

@@ -18,7 +18,7 @@ factors and `t2jax.experts` stores them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -177,22 +177,37 @@ def per_row_experts(vectors: Sequence[Mapping[str, Array]]) -> ZVectors:
     return {name: jnp.swapaxes(z, 0, 1) for name, z in stack_experts(vectors).items()}
 
 
+def _map_expert_rows(svf: ModelSVF, fn: Callable[[Array], Array]) -> ModelSVF:
+    """Applies `fn` to every per-row expert z ([..., B, R]); one-expert z ([R] or [L, R]) pass
+    through unchanged."""
+
+    def apply(target: SVFTarget) -> SVFTarget:
+        if target.z.ndim != target.a.ndim:  # one expert: [R] or [L, R]
+            return target
+        return dataclasses.replace(target, z=fn(target.z))
+
+    return jax.tree.map(apply, svf, is_leaf=lambda node: isinstance(node, SVFTarget))
+
+
 def pad_expert_rows(svf: ModelSVF, rows: int) -> ModelSVF:
     """Pads per-row expert vectors ([B, R], or [L, B, R] stacked) to `rows` rows with z = 1, the
     base model (e.g. for a sampler that pads the batch); one-expert vectors pass through."""
 
-    def pad(target: SVFTarget) -> SVFTarget:
-        if target.z.ndim != target.a.ndim:  # one expert: [R] or [L, R]
-            return target
-        missing = rows - target.z.shape[-2]
+    def pad(z: Array) -> Array:
+        missing = rows - z.shape[-2]
         if missing < 0:
-            raise SVFError(f"cannot pad {target.z.shape[-2]} expert rows to {rows}")
-        widths = [(0, 0)] * target.z.ndim
+            raise SVFError(f"cannot pad {z.shape[-2]} expert rows to {rows}")
+        widths = [(0, 0)] * z.ndim
         widths[-2] = (0, missing)
-        z = jnp.pad(target.z, widths, constant_values=1.0)  # [..., rows, R]
-        return dataclasses.replace(target, z=z)
+        return jnp.pad(z, widths, constant_values=1.0)  # [..., rows, R]
 
-    return jax.tree.map(pad, svf, is_leaf=lambda node: isinstance(node, SVFTarget))
+    return _map_expert_rows(svf, pad)
+
+
+def take_expert_rows(svf: ModelSVF, rows: Array) -> ModelSVF:
+    """Keeps the per-row expert vectors of batch rows `rows` [B'] (in that order); one-expert
+    vectors pass through. Jit-able."""
+    return _map_expert_rows(svf, lambda z: jnp.take(z, rows, axis=-2))  # [..., B', R]
 
 
 def mix(

@@ -4,13 +4,15 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tiny
 
 from t2jax import model as model_lib
+from t2jax import svd
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import SamplerConfig
-from t2jax.sampler import Sampler, bucket_length, new_tokens_bucket
+from t2jax.sampler import Sampler, bucket_length, compacted_rows, new_tokens_bucket
 
 pytest.importorskip("torch")
 
@@ -142,6 +144,74 @@ def test_bucketing_helpers():
     assert new_tokens_bucket(1) == 64
     assert new_tokens_bucket(100) == 128
     assert new_tokens_bucket(512) == 512
+
+
+def test_compacted_rows_keeps_the_live_rows_and_halves_the_batch():
+    done = np.array([True, False, True, True, False, True, True, True])
+    assert compacted_rows(done).tolist() == [1, 4]
+    assert compacted_rows(done, multiple=4).tolist() == [0, 1, 2, 4]  # live rows + 2 finished
+    assert compacted_rows(np.array([False] + [True] * 7)).tolist() == [0]
+    assert compacted_rows(np.array([True] * 4 + [False] * 4)).tolist() == [4, 5, 6, 7]
+    assert compacted_rows(np.array([False] * 5 + [True] * 3)) is None  # 8 rows: no smaller
+    assert compacted_rows(done, multiple=8) is None
+
+
+def _per_row_expert_svf(tiny_model, rows):
+    """Factored SVF of the MLP kernels with a different random z per batch row."""
+    checkpoint, _ = tiny_model
+    config, tensors, targets = checkpoint.config, checkpoint.tensors, svd.TARGET_SETS["mlp"]
+    factors = svd.decompose(
+        config,
+        svd.kernels_from_tensors(tensors),
+        targets,
+        fingerprint=svd.fingerprint(config, tensors),
+        stacked=False,
+        progress=False,
+    )
+    z = {
+        key: jax.random.uniform(jax.random.key(i), (layers, rows, rank), maxval=2.0)  # [L, B, R]
+        for i, (key, (layers, rank)) in enumerate(svd.svf_param_shapes(config, targets).items())
+    }
+    return svd.svf_from_factors(factors, z, "factored")
+
+
+@pytest.mark.parametrize("per_row_experts", [False, True], ids=["base", "per_row_experts"])
+def test_compaction_drops_finished_rows_and_keeps_every_output(
+    tiny_model, monkeypatch, per_row_experts
+):
+    """Rows that end early (end id or stop string) leave the batch at the first check, leaving
+    the two live rows (with their own experts); every row's tokens, text and finish reason equal
+    a non-compacting run."""
+    from t2jax import sampler as sampler_lib
+
+    prompts = [*PROMPTS, "abc", "The cat", "SVD", "zz top", "q"]
+    budget, chunk, live = 80, sampler_lib.STOP_CHECK_CHUNK, [3, 7]
+    svf = _per_row_expert_svf(tiny_model, len(prompts)) if per_row_experts else None
+    free = _sampler(tiny_model, compact_rows=False).generate(
+        prompts, max_new_tokens=budget, svf=svf
+    )
+    ending = [1, 2, 4, 5, 6]
+    end_ids = tiny.early_end_ids(free.token_ids, ending, [0, *live], within=chunk)
+    stop = free.texts[0][:2]  # row 0 ends by this stop string (it holds no end id)
+    assert all(stop not in free.texts[row] for row in live)
+    sizes = []
+    take_rows = sampler_lib.take_rows
+
+    def counting_take_rows(state, svf, rows):
+        sizes.append(len(rows))
+        return take_rows(state, svf, rows)
+
+    monkeypatch.setattr(sampler_lib, "take_rows", counting_take_rows)
+    settings = dict(max_new_tokens=budget, stop_strings=[stop], svf=svf)
+    compacted = _sampler(tiny_model, end_ids).generate(prompts, **settings)
+    assert sizes == [2]
+    reference = _sampler(tiny_model, end_ids, compact_rows=False).generate(prompts, **settings)
+    assert sizes == [2]
+
+    assert compacted == reference
+    assert compacted.finish_reasons[0] == "stop"
+    assert [compacted.lengths[row] for row in live] == [budget, budget]
+    assert max(compacted.lengths[row] for row in ending) < chunk
 
 
 def test_bad_arguments_are_clear_errors(tiny_model):

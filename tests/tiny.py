@@ -99,3 +99,17 @@ def random_padded_batch(seed: int, rows: int, length: int, pads: tuple[int, ...]
     for row, pad in enumerate(pads):
         mask[row, :pad] = False
     return tokens, mask
+
+
+def early_end_ids(
+    token_ids: list[list[int]], rows: list[int], never_in: list[int], within: int
+) -> tuple[int, ...]:
+    """End ids, from a free generation, that end each of `rows` within its first `within` tokens
+    and never occur in rows `never_in` (which therefore run on)."""
+    avoided = {token for row in never_in for token in token_ids[row]}
+    ends = set()
+    for row in rows:
+        candidates = [t for t in token_ids[row][:within] if t not in avoided]
+        assert candidates, f"row {row} has no early token that rows {never_in} never generate"
+        ends.add(candidates[0])
+    return tuple(sorted(ends))
