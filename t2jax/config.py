@@ -224,9 +224,7 @@ class SamplerConfig:
     """Static sampler settings. Values that change per call (temperature, top-p, max_new_tokens)
     are call arguments, not config fields, so they never trigger a recompilation."""
 
-    max_total_tokens: int = 1024
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    max_new_tokens_bucket: int = 512
     # Between decode chunks, once at most half of the rows are still generating, continue with
     # those rows only (the batch halves to a power of two; each new size compiles once).
     compact_rows: bool = True

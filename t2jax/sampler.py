@@ -386,9 +386,10 @@ class Sampler:
             )
             if stop_strings:
                 state, stopped = self._apply_stop_strings(state, stop_strings, stopped)
-            if int(state.step) >= max_new_tokens or bool(jnp.all(state.done)):
+            done = np.asarray(state.done)
+            if int(state.step) >= max_new_tokens or done.all():
                 break
-            kept = compacted_rows(np.asarray(state.done), self.batch_multiple) if compact else None
+            kept = compacted_rows(done, self.batch_multiple) if compact else None
             if kept is not None:
                 outputs.store(state, stopped)
                 state, svf = take_rows(state, svf, jnp.asarray(kept, jnp.int32))

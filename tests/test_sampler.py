@@ -156,6 +156,26 @@ def test_compacted_rows_keeps_the_live_rows_and_halves_the_batch():
     assert compacted_rows(done, multiple=8) is None
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["scan", "unrolled"])
+def test_take_cache_rows_in_both_layer_layouts(tiny_checkpoint, stacked):
+    config, rows = tiny_checkpoint.config, jnp.asarray([3, 0])
+    empty = model_lib.init_cache(config, 4, 8, stacked=stacked)
+
+    def numbered(x):
+        return jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
+
+    k, v = jax.tree.map(numbered, (empty.k, empty.v))
+    valid = jax.random.bernoulli(jax.random.key(0), shape=empty.valid.shape)  # [B, S]
+    cache = model_lib.KVCache(k=k, v=v, valid=valid, index=jnp.int32(5))
+    taken = model_lib.take_cache_rows(cache, rows)
+
+    batch_axis = 1 if stacked else 0  # [L, B, K, S, H] or L x [B, K, S, H]
+    for got, full in zip(jax.tree.leaves((taken.k, taken.v)), jax.tree.leaves((k, v)), strict=True):
+        np.testing.assert_array_equal(got, jnp.take(full, rows, axis=batch_axis))
+    np.testing.assert_array_equal(taken.valid, valid[rows])
+    assert int(taken.index) == 5
+
+
 def _per_row_expert_svf(tiny_model, rows):
     """Factored SVF of the MLP kernels with a different random z per batch row."""
     checkpoint, _ = tiny_model
