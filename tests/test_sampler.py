@@ -195,22 +195,22 @@ def _per_row_expert_svf(tiny_model, rows):
     return svd.svf_from_factors(factors, z, "factored")
 
 
-@pytest.mark.parametrize("per_row_experts", [False, True], ids=["base", "per_row_experts"])
-def test_compaction_drops_finished_rows_and_keeps_every_output(
-    tiny_model, monkeypatch, per_row_experts
-):
+@pytest.mark.parametrize("variant", ["base", "per_row_experts", "batch_sharded"])
+def test_compaction_drops_finished_rows_and_keeps_every_output(tiny_model, monkeypatch, variant):
     """Rows that end early (end id or stop string) leave the batch at the first check, leaving
-    the two live rows (with their own experts); every row's tokens, text and finish reason equal
-    a non-compacting run."""
+    the two live rows (with their own experts; padded to the 8 data-parallel shards when
+    sharded); every row's tokens, text and finish reason equal a non-compacting run."""
+    from t2jax import parallel
     from t2jax import sampler as sampler_lib
+    from t2jax.config import MeshConfig
 
-    prompts = [*PROMPTS, "abc", "The cat", "SVD", "zz top", "q"]
+    prompts = [*PROMPTS, "abc", "The cat", "SVD", "zz top", "q", *(f"row {i}" for i in range(8))]
     budget, chunk, live = 80, sampler_lib.STOP_CHECK_CHUNK, [3, 7]
-    svf = _per_row_expert_svf(tiny_model, len(prompts)) if per_row_experts else None
+    svf = _per_row_expert_svf(tiny_model, len(prompts)) if variant == "per_row_experts" else None
     free = _sampler(tiny_model, compact_rows=False).generate(
         prompts, max_new_tokens=budget, svf=svf
     )
-    ending = [1, 2, 4, 5, 6]
+    ending = [row for row in range(1, len(prompts)) if row not in live]
     end_ids = tiny.early_end_ids(free.token_ids, ending, [0, *live], within=chunk)
     stop = free.texts[0][:2]  # row 0 ends by this stop string (it holds no end id)
     assert all(stop not in free.texts[row] for row in live)
@@ -223,10 +223,16 @@ def test_compaction_drops_finished_rows_and_keeps_every_output(
 
     monkeypatch.setattr(sampler_lib, "take_rows", counting_take_rows)
     settings = dict(max_new_tokens=budget, stop_strings=[stop], svf=svf)
-    compacted = _sampler(tiny_model, end_ids).generate(prompts, **settings)
-    assert sizes == [2]
+    sharding = {}
+    if variant == "batch_sharded":
+        mesh = parallel.make_mesh(MeshConfig(shape=(8, 1, 1)))
+        sharding = dict(batch_sharding=parallel.batch_sharding(mesh), batch_multiple=8)
+    checkpoint, weights = tiny_model
+    compacted = Sampler(
+        checkpoint.config, weights, checkpoint.tokenizer, end_ids, **sharding
+    ).generate(prompts, **settings)
+    assert sizes == ([8] if variant == "batch_sharded" else [2])
     reference = _sampler(tiny_model, end_ids, compact_rows=False).generate(prompts, **settings)
-    assert sizes == [2]
 
     assert compacted == reference
     assert compacted.finish_reasons[0] == "stop"
