@@ -61,7 +61,8 @@ def load_model(
     Args:
         name_or_path: what to load (see `t2jax.checkpoints.load_checkpoint`).
         dtype: parameter dtype; defaults to `default_dtype()`.
-        stacked: layer layout (see `t2jax.model`); defaults to the backend's faster one.
+        stacked: layer layout (see `t2jax.model`); defaults to the faster one on the mesh's
+            devices.
         mesh_config: the device mesh; weights are FSDP/tensor-sharded on it.
         skip: per-layer kernel keys to leave out (e.g. SVF targets once factored).
         progress: show progress while loading.
@@ -69,6 +70,8 @@ def load_model(
     checkpoint = load_checkpoint(name_or_path, progress=progress)
     mesh = parallel.make_mesh(mesh_config)
     rules = parallel.ShardingRules()
+    if stacked is None:
+        stacked = model_lib.default_layout_is_stacked(mesh)
 
     def place(key: str, array: np.ndarray) -> jax.Array:
         return jax.device_put(array, parallel.weight_sharding(key, array.shape, mesh, rules))

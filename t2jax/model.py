@@ -95,20 +95,42 @@ def layer_slice(tree: Any, index: int) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
-def activation_dtype(param_dtype: Any) -> Any:
+def platform_of(x: Any) -> str:
+    """Platform ("cpu", "tpu", "gpu", ...) of the devices that array `x` is placed on.
+
+    Works on concrete arrays (their sharding's devices), on tracers under `jit` (the abstract
+    mesh of a `NamedSharding` argument names its device kind, also for compile-only TPU devices
+    on a CPU host) and on `ShapeDtypeStruct`s with a sharding. Falls back to
+    `jax.default_backend()` when `x` carries no device information (an uncommitted array).
+    """
+    if isinstance(x, jax.core.Tracer):
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        device = getattr(mesh, "abstract_device", None)  # None for an empty abstract mesh
+        return device.platform if device is not None else jax.default_backend()
+    sharding = getattr(x, "sharding", None)  # concrete array or ShapeDtypeStruct
+    if sharding is None:
+        return jax.default_backend()
+    return next(iter(sharding.device_set)).platform
+
+
+def activation_dtype(param_dtype: Any, platform: str | None = None) -> Any:
     """Dtype of the residual stream, norms, RoPE and softmax for parameters of `param_dtype`.
 
     fp32 on CPU: XLA:CPU runs bf16 matmuls ~1.7x faster than fp32 but bf16 elementwise work
     slower, so bf16 weights there pair with fp32 activations (matmuls cast their input, see
-    `t2jax.ops.matmul`). Accelerators keep the parameter dtype. Decided by the default backend
-    at trace time, so CPU-placed weights in a process whose default is an accelerator keep it too.
+    `t2jax.ops.matmul`). Accelerators keep the parameter dtype. `platform` is where the program
+    runs: `forward` passes the platform of the weights (`platform_of`), so a program compiled on
+    a CPU host for a TPU mesh gets the TPU choice; None means `jax.default_backend()`.
     """
-    return jnp.float32 if jax.default_backend() == "cpu" else param_dtype
+    platform = platform or jax.default_backend()
+    return jnp.float32 if platform == "cpu" else param_dtype
 
 
-def default_layout_is_stacked() -> bool:
-    """Stacked layers (scan) on accelerators; unstacked (unrolled) on CPU, faster there."""
-    return jax.default_backend() != "cpu"
+def default_layout_is_stacked(mesh: jax.sharding.Mesh | None = None) -> bool:
+    """Stacked layers (scan) on accelerators; unstacked (unrolled) on CPU, faster there. Decided
+    by the mesh's devices (None: `jax.default_backend()`)."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    return platform != "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +461,7 @@ def forward(
     """
     length = tokens.shape[1]
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, T, D]
-    x = x.astype(activation_dtype(weights.embed.dtype))  # [B, T, D]
+    x = x.astype(activation_dtype(weights.embed.dtype, platform_of(weights.embed)))  # [B, T, D]
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     new_mask = causal_mask(token_mask, config.sliding_window)  # [B, T, T]
     cached_mask = None

@@ -290,7 +290,8 @@ def _assemble(
     mesh: jax.sharding.Mesh | None,
 ) -> ModelFactors:
     """Per-kernel host factors -> device `ModelFactors` in the requested layout."""
-    stacked = model_lib.default_layout_is_stacked() if stacked is None else stacked
+    if stacked is None:
+        stacked = model_lib.default_layout_is_stacked(mesh)
     targets = resolve_targets(targets)
 
     def place(key: str, factor: Factor) -> Factor:

@@ -9,10 +9,16 @@ import pytest
 import tiny
 
 from t2jax import model as model_lib
-from t2jax import svd
+from t2jax import parallel, svd
 from t2jax.checkpoints import load_checkpoint
-from t2jax.config import SamplerConfig
-from t2jax.sampler import Sampler, bucket_length, compacted_rows, new_tokens_bucket
+from t2jax.config import MeshConfig, SamplerConfig
+from t2jax.sampler import (
+    Sampler,
+    bucket_length,
+    compacted_rows,
+    empty_cache,
+    new_tokens_bucket,
+)
 
 pytest.importorskip("torch")
 
@@ -318,3 +324,29 @@ def test_bf16_weights_keep_fp32_activations_and_match_fp32(tiny_checkpoint):
     scale = float(jnp.max(jnp.abs(reference)))
     assert float(jnp.max(jnp.abs(step_logits - reference))) < 0.02 * scale
     assert float(jnp.max(jnp.abs(step_logits - reference))) > 0  # bf16 really was used
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_empty_cache_is_created_sharded(tiny_checkpoint, stacked):
+    """The cache comes out of `empty_cache` already split over the mesh's data axes (never whole
+    on one device), and each layer's kv heads over the tensor axis."""
+    mesh = parallel.make_mesh(MeshConfig(shape=(2, 2, 2)))
+    cache = empty_cache(tiny_checkpoint.config, 8, 16, jnp.dtype(jnp.bfloat16), stacked, mesh)
+    layer_k = cache.k if stacked else cache.k[0]  # [L, B, K, S, H] or [B, K, S, H]
+    batch_axis = layer_k.ndim - 4
+    shard = layer_k.addressable_shards[0].data.shape
+    assert shard[batch_axis] == 8 // 4  # data x fsdp
+    assert shard[batch_axis + 1] == tiny_checkpoint.config.num_kv_heads // 2  # tensor
+    assert cache.valid.addressable_shards[0].data.shape == (2, 16)
+
+
+def test_platform_of_follows_the_arrays_devices_under_jit():
+    """Backend choices come from where the weights live, also inside `jit`."""
+    mesh = parallel.make_mesh(MeshConfig(shape=(-1, 1, 1)))
+    x = jax.device_put(jnp.ones(8), parallel.replicated(mesh))
+    seen = []
+    jax.jit(lambda y: seen.append(model_lib.platform_of(y)) or y)(x)
+    assert seen == ["cpu"] and model_lib.platform_of(x) == "cpu"
+    assert model_lib.activation_dtype(jnp.bfloat16, "tpu") == jnp.bfloat16
+    assert model_lib.activation_dtype(jnp.bfloat16, "cpu") == jnp.float32
+    assert not model_lib.default_layout_is_stacked(mesh)
