@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
 from t2jax import adapt_cli, svf_cli, train_cli
 from t2jax.config import MeshConfig
+from t2jax.tasks.sandbox import ISOLATION_ENV, ISOLATION_MODES
 
 
 def _mesh_shape(text: str) -> tuple[int, ...]:
@@ -191,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="t2jax", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--sandbox",
+        choices=ISOLATION_MODES,
+        default=None,
+        help="isolation of model-written code (default: $T2JAX_SANDBOX, else auto); "
+        "strict refuses to run without Landlock, seccomp and (as root) a dropped uid",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_eval(subparsers)
@@ -203,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `t2jax` console script."""
     args = build_parser().parse_args(argv)
+    if args.sandbox is not None:
+        os.environ[ISOLATION_ENV] = args.sandbox  # read by every sandbox the command starts
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )

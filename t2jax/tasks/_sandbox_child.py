@@ -1,25 +1,34 @@
-"""The program that runs inside every sandboxed process, and the value codec it shares with
-the harness (spec §3.5: code is executed as evalplus does, but never in the harness's process).
+"""The program that runs inside every sandboxed process (spec §3.5: code is executed as evalplus
+does, but never in the harness's process). Standard library only.
 
 Run as a script (`python -s -P -B _sandbox_child.py`), it reads one length-prefixed pickled
-request from stdin, locks itself down and runs untrusted code (or, in server mode, answers a
-stream of requests, each in a forked child that locks itself down first). The harness
-(`t2jax.tasks.sandbox`) imports it only for the codec. It must stay standard-library only.
+request from stdin, locks itself down and then runs in one of four modes:
 
-Lock-down order, all before any untrusted byte runs: read the request, set resource limits
-(CPU, address space, file size, process count, open files, no core dumps), chdir into the fresh
-working directory, point stdin/stdout at /dev/null (stderr stays, captured and capped by the
-harness), remove the few process-control functions that raise no audit event, then install an
-audit hook (PEP 578) that refuses: process creation (fork, exec, spawn, system, subprocess),
-signals to any process, sockets, foreign calls through ctypes, rlimit changes, and file writes,
-renames, deletes or metadata changes outside the working directory; reads of other processes'
-/proc entries and of the paths the harness lists. Audit hooks cannot be removed from Python code.
+- "calls" (`run_function`): run the program, call its entry point on each listed input;
+- "candidate" (the untrusted half of `run_tests`): run the program, then answer call requests
+  that the harness relays from the checker, one at a time;
+- "checker" (the trusted half of `run_tests`): run the harness's own test code, in which the
+  entry point is a proxy whose calls go to the candidate process and come back as plain values;
+  no untrusted code ever runs in this process, so its "passed" event can be trusted;
+- "server" (`SandboxServer`): trusted setup once, then each request in a forked worker.
 
-Protocol: results are JSON lines on a private duplicate of the original stdout, one per event:
-`{"event": "call", "index": i, "value": <encoded>, "seconds": t}` or `{"event": "call",
-"index": i, "error": "..."}` per function call, `{"event": "exec_error", "error": "..."}` when the
-program itself raises, and `{"event": "done"}` at the end. Values are encoded as tagged JSON
-(`encode_value`), so the harness never unpickles anything that untrusted code produced.
+Lock-down order, all before any untrusted byte runs: resource limits (CPU, address space, file
+size, processes, open files, no core dumps); chdir into the fresh working directory; stdin/stdout
+pointed at /dev/null (stderr stays, captured and capped by the harness); no_new_privs; a Landlock
+domain and a seccomp filter (`_sandbox_kernel`); the few process-control functions that raise no
+audit event removed; an audit hook (PEP 578) that refuses process creation, signals, sockets,
+ctypes, rlimit changes, writes outside the working directory and reads of other processes' /proc
+entries and of the paths the harness lists. The audit hook only gives clear error messages and a
+last line where the kernel offers nothing; the kernel mechanisms are the boundary.
+
+Started with `--as-sandbox-user WORKDIR [--namespaces]` by a harness running as root, it first
+drops to an unprivileged uid (`_sandbox_kernel.drop_privileges`) and re-executes itself, through
+`unshare` for the namespaces mode.
+
+Protocol: events are JSON lines on a private duplicate of the original stdout (`{"event": "call",
+"index": i, "value": <encoded>}`, `{"event": "exec_error", ...}`, ...). Untrusted code can write
+to that descriptor too, so the harness trusts no verdict from a process that ran untrusted code:
+see `t2jax.tasks.sandbox` for what it checks itself.
 """
 
 from __future__ import annotations
@@ -28,131 +37,18 @@ import contextlib
 import copy
 import json
 import os
-import pickle
 import signal
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+import _sandbox_kernel as kernel
+from _sandbox_codec import decode_value, encode_value, read_message
+
+del sys.path[0]
+
 # ---------------------------------------------------------------------------------------------
-# Value codec: plain JSON for None/bool/str/float/list/small int, tagged objects for the rest.
-
-_TAG = "$"
-_MAX_DEPTH = 100
-_MAX_NODES = 2_000_000
-_EXACT_INT_BOUND = 2**53
-
-
-class OpaqueValue:
-    """A value the codec cannot carry (a generator, a custom object, ...): equal to nothing."""
-
-    def __init__(self, type_name: str, text: str):
-        self.type_name = type_name
-        self.text = text
-
-    def __eq__(self, other):
-        return self is other
-
-    def __hash__(self):
-        return id(self)
-
-    def __repr__(self):
-        return f"<opaque {self.type_name}: {self.text}>"
-
-
-class _Budget:
-    def __init__(self):
-        self.nodes = 0
-
-
-def _opaque(value, note=None) -> dict:
-    try:
-        text = note or repr(value)[:200]
-    except BaseException:  # a hostile __repr__ may raise anything
-        text = "<unrepresentable>"
-    return {_TAG: "opaque", "type": type(value).__qualname__, "v": text}
-
-
-def _encode(value, depth: int, budget: _Budget):
-    budget.nodes += 1
-    if budget.nodes > _MAX_NODES or depth > _MAX_DEPTH:
-        raise OverflowError
-    kind = type(value)
-    if value is None or isinstance(value, (bool, str, float)):
-        return str(value) if isinstance(value, str) and kind is not str else value
-    if isinstance(value, int):
-        value = int(value)
-        return value if abs(value) < _EXACT_INT_BOUND else {_TAG: "int", "v": hex(value)}
-    if isinstance(value, complex):
-        return {_TAG: "complex", "v": [value.real, value.imag]}
-    if isinstance(value, (bytes, bytearray)):
-        return {_TAG: "bytes", "v": bytes(value).hex()}
-    if isinstance(value, list):
-        return [_encode(item, depth + 1, budget) for item in value]
-    if isinstance(value, tuple):
-        return {_TAG: "tuple", "v": [_encode(item, depth + 1, budget) for item in value]}
-    if isinstance(value, (set, frozenset)):
-        tag = "frozenset" if isinstance(value, frozenset) else "set"
-        return {_TAG: tag, "v": [_encode(item, depth + 1, budget) for item in value]}
-    if isinstance(value, dict):
-        pairs = [
-            [_encode(key, depth + 1, budget), _encode(item, depth + 1, budget)]
-            for key, item in value.items()
-        ]
-        return {_TAG: "dict", "v": pairs}
-    if kind.__module__ == "numpy" and hasattr(value, "tolist"):
-        payload = _encode(value.tolist(), depth + 1, budget)
-        if hasattr(value, "shape") and value.shape != ():
-            return {_TAG: "ndarray", "v": payload, "dtype": str(value.dtype)}
-        return payload
-    return _opaque(value)
-
-
-def encode_value(value):
-    """Encodes a Python value as JSON-compatible data that `decode_value` turns back into an
-    equal plain value (tuples, sets, dicts with any hashable keys, complex, big ints, numpy)."""
-    try:
-        return _encode(value, 0, _Budget())
-    except (OverflowError, RecursionError):
-        return _opaque(value, "<too large or too deep to encode>")
-    except BaseException as error:  # hostile containers may raise anything
-        return _opaque(value, f"<encoding failed: {type(error).__name__}>")
-
-
-def _decode_tagged(data: dict):
-    tag = data.get(_TAG)
-    payload = data.get("v")
-    if tag == "int":
-        return int(payload, 16)
-    if tag == "complex":
-        return complex(payload[0], payload[1])
-    if tag == "bytes":
-        return bytes.fromhex(payload)
-    if tag == "tuple":
-        return tuple(decode_value(item) for item in payload)
-    if tag == "set":
-        return {decode_value(item) for item in payload}
-    if tag == "frozenset":
-        return frozenset(decode_value(item) for item in payload)
-    if tag == "dict":
-        return {decode_value(key): decode_value(item) for key, item in payload}
-    if tag == "ndarray":
-        import numpy  # only the harness decodes arrays
-
-        return numpy.array(decode_value(payload), dtype=data.get("dtype"))
-    return OpaqueValue(str(data.get("type")), str(payload))
-
-
-def decode_value(data):
-    """Inverse of `encode_value`; unknown or malformed tags become an `OpaqueValue`."""
-    if isinstance(data, list):
-        return [decode_value(item) for item in data]
-    if isinstance(data, dict):
-        try:
-            return _decode_tagged(data)
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
-            return OpaqueValue("malformed", str(data)[:200])
-    return data
-
+# Lock-down.
 
 # ---------------------------------------------------------------------------------------------
 # Lock-down.
@@ -309,28 +205,37 @@ def _set_limits(limits: dict):
     cap("RLIMIT_CORE", 0)
 
 
-def _lock_down(request: dict, install_hook: bool) -> int:
-    """Applies every restriction; returns the private fd for results. A server keeps stdin (its
-    request stream) and installs the audit hook in each forked worker instead."""
+def _lock_down(request: dict) -> int:
+    """Applies every restriction; returns the private fd for events. Modes that receive more
+    messages keep stdin; a server installs the audit hook in each forked worker instead."""
     _set_limits(request["limits"])
     os.chdir(request["workdir"])
     result_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
-    if install_hook:
+    if request["mode"] == "calls":
         os.dup2(devnull, 0)
         sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
     os.dup2(devnull, 1)
     os.close(devnull)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     sys.set_int_max_str_digits(0)
+    kernel.set_no_new_privs()
+    if request["landlock_abi"]:
+        kernel.restrict_filesystem(request["workdir"], request["landlock_abi"])
+    if request["seccomp"]:
+        kernel.deny_syscalls()
     for module_name, attributes in _ATTRIBUTES_REMOVED.items():
         module = __import__(module_name)  # imported first so later imports of it still work
         for attribute in attributes:
             if hasattr(module, attribute):
                 delattr(module, attribute)
-    if install_hook:
+    if request["mode"] != "server" and request.get("audit_hook", True):
         sys.addaudithook(_make_audit_hook(request["workdir"], tuple(request["deny_read_roots"])))
     return result_fd
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes.
 
 
 class _CallTimeout(BaseException):
@@ -351,41 +256,88 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message[:500]}"
 
 
-def _run(request: dict, emit):
+def _call(function, arguments: list, keywords: dict, time_limit: float, deepcopy: bool) -> dict:
+    """One call under its own time limit, as an event without its index."""
+    if deepcopy:
+        arguments, keywords = copy.deepcopy((arguments, keywords))
+    start = time.perf_counter()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, time_limit)
+        value = function(*arguments, **keywords)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    except BaseException as error:  # everything the program raises is a result
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return {"event": "call", "error": _describe(error)}
+    seconds = time.perf_counter() - start
+    return {"event": "call", "value": encode_value(value), "seconds": seconds}
+
+
+def _load_program(request: dict, emit):
+    """Executes the program; returns its entry point, or None after emitting exec_error."""
     namespace: dict = {}
     try:
         exec(compile(request["code"], "<sandboxed program>", "exec"), namespace)
-        function = namespace[request["entry_point"]] if request["mode"] == "calls" else None
-    except BaseException as error:  # everything the program raises is a result
+        return namespace[request["entry_point"]] if request.get("entry_point") else namespace
+    except BaseException as error:
         emit({"event": "exec_error", "error": _describe(error)})
-        return
-    if function is not None:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        for index, arguments in enumerate(request["inputs"]):
-            if request["deepcopy_inputs"]:
-                arguments = copy.deepcopy(arguments)
-            start = time.perf_counter()
-            try:
-                signal.setitimer(signal.ITIMER_REAL, request["time_limits"][index])
-                value = function(*arguments)
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            except BaseException as error:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                emit({"event": "call", "index": index, "error": _describe(error)})
-                continue
-            seconds = time.perf_counter() - start
-            emit(
-                {"event": "call", "index": index, "value": encode_value(value), "seconds": seconds}
-            )
-    emit({"event": "done"})
-
-
-def read_message(stream) -> dict | None:
-    """Reads one length-prefixed pickle written by the harness (None at end of stream)."""
-    header = stream.read(8)
-    if len(header) < 8:
         return None
-    return pickle.loads(stream.read(int.from_bytes(header, "big")))
+
+
+def _run_calls(request: dict, emit, stdin):
+    """Mode "calls": every listed input, in order."""
+    function = _load_program(request, emit)
+    if function is None:
+        return
+    signal.signal(signal.SIGALRM, _on_alarm)
+    for index, arguments in enumerate(request["inputs"]):
+        limit = request["time_limits"][index]
+        event = _call(function, arguments, {}, limit, request["deepcopy_inputs"])
+        emit({**event, "index": index})
+
+
+def _run_candidate(request: dict, emit, stdin):
+    """Mode "candidate": load the program, then answer relayed call requests until stdin ends."""
+    function = _load_program(request, emit)
+    if function is None:
+        return
+    emit({"event": "ready"})
+    signal.signal(signal.SIGALRM, _on_alarm)
+    index = 0
+    while (message := read_message(stdin)) is not None:
+        arguments, keywords = message["args"], message["kwargs"]
+        emit({**_call(function, arguments, keywords, request["time_limit"], False), "index": index})
+        index += 1
+
+
+class CandidateError(Exception):
+    """Raised in the checker when a call of the candidate raised (or its process ended)."""
+
+
+def _run_checker(request: dict, emit, stdin):
+    """Mode "checker": trusted test code against a proxy of the candidate's entry point."""
+
+    def candidate(*arguments, **keywords):
+        emit(
+            {
+                "event": "call_request",
+                "args": encode_value(list(arguments)),
+                "kwargs": encode_value(keywords),
+            }
+        )
+        answer = read_message(stdin)
+        if answer is None or answer.get("error") is not None:
+            raise CandidateError(answer["error"] if answer else "no answer")
+        return decode_value(answer["value"])
+
+    namespace: dict = {}
+    try:
+        exec(compile(request["setup"], "<test setup>", "exec"), namespace)
+        namespace[request["entry_point"]] = candidate
+        exec(compile(request["tests"], "<tests>", "exec"), namespace)
+    except BaseException as error:
+        emit({"event": "failed", "error": _describe(error)})
+        return
+    emit({"event": "passed"})
 
 
 def _writer(result_fd: int):
@@ -398,8 +350,8 @@ def _writer(result_fd: int):
 
 
 def _serve(request: dict, emit, stdin):
-    """Server mode: run trusted setup code once, then answer requests, each in a forked child
-    that locks itself down before touching the (untrusted) payload."""
+    """Mode "server": run trusted setup code once, then answer requests, each in a forked child
+    that installs the audit hook before touching the (untrusted) payload."""
     namespace: dict = {}
     exec(compile(request["code"], "<sandbox server setup>", "exec"), namespace)
     handle = namespace["handle"]
@@ -446,17 +398,36 @@ def _collect_answer(read_end: int, pid: int, timeout: float) -> dict:
         return {"event": "result", "error": "timeout" if timed_out else "no answer"}
 
 
+_MODES = {
+    "calls": _run_calls,
+    "candidate": _run_candidate,
+    "checker": _run_checker,
+    "server": _serve,
+}
+_NAMESPACES_COMMAND = ("unshare", "--user", "--map-current-user", "--net", "--pid", "--fork",
+                       "--kill-child", "--")  # fmt: skip
+_INTERPRETER_FLAGS = ("-s", "-P", "-B")
+
+
+def _become_sandbox_user(argv: list[str]):
+    """Launcher stage (root only): drop to the sandbox uid, then re-execute this script."""
+    workdir, namespaces = argv[0], "--namespaces" in argv[1:]
+    script = os.path.realpath(__file__)
+    kernel.drop_privileges([*kernel.interpreter_roots(), os.path.dirname(script), workdir])
+    command = [sys.executable, *_INTERPRETER_FLAGS, script]
+    if namespaces:
+        command = [*_NAMESPACES_COMMAND, *command]
+    os.execvp(command[0], command)
+
+
 def main():
+    if sys.argv[1:2] == ["--as-sandbox-user"]:
+        _become_sandbox_user(sys.argv[2:])
     stdin = sys.stdin.buffer
     request = read_message(stdin)  # the harness is the only writer
-    serving = request["mode"] == "server"
-    result_fd = _lock_down(request, install_hook=not serving)
-    emit = _writer(result_fd)
+    emit = _writer(_lock_down(request))
     try:
-        if serving:
-            _serve(request, emit, stdin)
-        else:
-            _run(request, emit)
+        _MODES[request["mode"]](request, emit, stdin)
     except BaseException as error:  # e.g. a SystemExit escaping a call
         emit({"event": "exec_error", "error": _describe(error)})
     os._exit(0)

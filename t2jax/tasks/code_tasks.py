@@ -23,17 +23,20 @@ from typing import Any
 import platformdirs
 
 from t2jax.tasks import evalplus_rules as rules
-from t2jax.tasks._sandbox_child import encode_value
+from t2jax.tasks._sandbox_codec import decode_value, encode_value
 from t2jax.tasks.base import TEMPLATE_CODE, Example, Score, Task
 from t2jax.tasks.data import data_file, file_sha256, read_jsonl, seeded_shuffle_split
 from t2jax.tasks.prompts import CODE_SYSTEM
-from t2jax.tasks.sandbox import CallOutcome, SandboxLimits, decode_value, run_function, run_program
+from t2jax.tasks.sandbox import CallOutcome, SandboxLimits, run_function, run_tests
 
 TEST_SUITES = ("base", "plus", "original")
 _GROUND_TRUTH_FORMAT = 1
 _GROUND_TRUTH_WALL_SECONDS = 600.0
 _STARTUP_ALLOWANCE_SECONDS = 2.0
 _ORIGINAL_TESTS_WALL_SECONDS = 10.0
+# MBPP's asserts ran after the solution, in its namespace; the modules they use without
+# importing them (`math.isclose`, `sys.maxsize`) are imported for them.
+_MBPP_TEST_SETUP = "import math\nimport sys\n"
 
 
 def ground_truth_cache_dir() -> pathlib.Path:
@@ -106,8 +109,9 @@ class CodeTask(Task):
         """The program the official pipeline executes for a completion."""
 
     @abc.abstractmethod
-    def original_test_program(self, example: Example, program: str) -> str:
-        """`program` followed by the problem's original asserts."""
+    def original_tests(self, example: Example) -> tuple[str, str]:
+        """(setup, tests): the problem's original asserts as trusted code for `run_tests`, and
+        what they need defined first (the entry point itself is bound to the program's)."""
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -125,12 +129,17 @@ class CodeTask(Task):
     def check_program(self, example: Example, program: str) -> Score:
         """Runs the selected test suite on a complete program (no fence cutting or sanitizing)."""
         if self.tests == "original":
-            result = run_program(
-                self.original_test_program(example, program),
+            setup, tests = self.original_tests(example)
+            result = run_tests(
+                program,
+                tests,
+                example.raw["entry_point"],
+                setup=setup,
+                call_seconds=_ORIGINAL_TESTS_WALL_SECONDS,
                 limits=SandboxLimits(wall_seconds=_ORIGINAL_TESTS_WALL_SECONDS),
                 isolation=self.isolation,
             )
-            passed = result.completed and result.exec_error is None
+            passed = result.completed
             return Score(passed, program, "passed the original tests" if passed else result.reason)
         inputs, expected = self._suite(example)
         limits = rules.time_limits(expected["seconds"])
@@ -297,8 +306,8 @@ class MbppPlusTask(CodeTask):
     def program(self, example: Example, completion: str) -> str:
         return rules.mbpp_solution(example.raw["prompt"], completion, example.raw["entry_point"])
 
-    def original_test_program(self, example: Example, program: str) -> str:
-        return program + "\n" + example.raw["assertion"]
+    def original_tests(self, example: Example) -> tuple[str, str]:
+        return _MBPP_TEST_SETUP, example.raw["assertion"]
 
 
 class HumanEvalTask(CodeTask):
@@ -332,9 +341,9 @@ class HumanEvalTask(CodeTask):
     def program(self, example: Example, completion: str) -> str:
         return rules.humaneval_solution(example.raw["prompt"], completion)
 
-    def original_test_program(self, example: Example, program: str) -> str:
+    def original_tests(self, example: Example) -> tuple[str, str]:
         entry_point = example.raw["entry_point"]
-        return f"{program}\n{example.raw['original_test']}\ncheck({entry_point})"
+        return example.raw["prompt"], f"{example.raw['original_test']}\ncheck({entry_point})"
 
 
 __all__ = ["TEST_SUITES", "CodeTask", "HumanEvalTask", "MbppPlusTask"]

@@ -1,110 +1,85 @@
-"""Isolated execution of model-written Python (spec §3.5; issue 4, "Sandbox").
+"""Isolated execution of model-written Python (spec §3.5; issue 12, "Sandbox").
 
-Every program runs in a fresh interpreter (`_sandbox_child.py`) that the harness starts in its own
-session and process group, with:
+Every program runs in a fresh interpreter (`_sandbox_child.py`) in its own session and process
+group, confined by the kernel:
 
-- wall-clock limit (enforced here: the whole process group is SIGKILLed at the deadline) and a
-  per-call limit (SIGALRM inside the child), CPU-time limit (RLIMIT_CPU), address-space limit
-  (RLIMIT_AS), file-size limit (RLIMIT_FSIZE), process limit (RLIMIT_NPROC), no core dumps;
-- a fresh temporary working directory, removed afterwards; HOME and TMPDIR point into it;
-- a scrubbed environment (only PATH, locale, HOME/TMPDIR, thread counts and a fixed hash seed, so
-  that set iteration orders match between reference and candidate runs): no inherited secrets;
-- captured output, capped (`SandboxLimits.max_result_bytes`, `max_stderr_bytes`); user prints go
-  to /dev/null;
-- an audit hook inside the child that refuses process creation, signals, sockets, ctypes calls,
-  rlimit changes, writes outside the working directory and reads of other processes' /proc files
-  (see `_sandbox_child.py` for the list);
-- when unprivileged user namespaces work (`unshare --user --net --pid`), new user, network and PID
-  namespaces as well: no network interface but a down loopback, the harness invisible and
-  unkillable from inside, and every process of the program killed with its init. Where they do
-  not (for example Ubuntu 24.04's AppArmor default), the audit hook and rlimits are the defence;
-  that fallback is weaker against deliberate escapes through the C level (e.g. `os.open` with
-  `dir_fd`) but contains ordinary model-written code.
+- **Files** (Landlock, `_sandbox_kernel.restrict_filesystem`): reads only of the Python
+  installation, system libraries, /dev/null and /dev/urandom; reads and writes only inside a fresh
+  working directory (HOME and TMPDIR point there; removed afterwards); nothing executable. Not
+  `$HOME`, the checkout, the benchmark data, `/tmp` or `/proc`.
+- **Syscalls** (seccomp): no sockets, exec, ptrace, process_vm_*, namespaces, mounts, BPF, perf,
+  keyrings, io_uring or handle-based opens. Landlock (ABI >= 4/6) also refuses TCP and signals or
+  abstract unix sockets that would cross the sandbox's border.
+- **No root inside**: a harness running as uid 0 starts the child as root only long enough to
+  make the interpreter reachable (private mount namespace) and become uid 65534; no_new_privs
+  is always set.
+- **Namespaces** (isolation "namespaces", the default where `unshare` works): new user (the uid
+  mapped to itself, no root), network (a down loopback) and PID namespaces.
+- **Limits**: wall clock (the process group is SIGKILLed at the deadline), per-call SIGALRM, CPU
+  time, address space, file size, processes, open files, no core dumps; output capped; a
+  scrubbed environment (no inherited secrets).
 
-The harness never unpickles data from the child: results come back as tagged JSON.
+Isolation modes: "namespaces", "process" (everything but the namespaces), "auto" (namespaces
+where they work) and "strict" (like auto, but refuses to run where the kernel lacks Landlock or
+seccomp, or root cannot be dropped; "auto" and "process" warn once instead). The default is
+"auto"; `T2JAX_SANDBOX=strict` (or `t2jax eval --sandbox strict`) changes it process-wide.
+`python -m t2jax.tasks.sandbox --self-test` shows what this machine enforces.
+
+**Trust boundary.** Events from a process that ran untrusted code are data, never a verdict: the
+code can write to every descriptor it holds, exit at any point and rewrite its own interpreter.
+
+- `run_function`: the harness passes iff it observed exactly one outcome per input, in order,
+  and its own `stop` callback checked each (a forged or duplicated event is a protocol violation,
+  a missing one a failure). Values arrive as tagged JSON decoded into plain Python values, so no
+  object with a custom `__eq__` reaches the comparison.
+- `run_tests`: the harness's test code runs in a second sandboxed process ("checker") that never
+  runs untrusted code; each call of the entry point in it is relayed to the candidate process and
+  its result comes back as a plain value. A pass is the checker's own report that every assert ran.
+- `SandboxServer` answers come from the worker that handled the untrusted payload: a payload that
+  gains code execution (sympy's `parse_expr` evaluates Python) can forge its own answer. It is
+  used only for MATH's symbolic equivalence (an evaluation metric, not an RL reward here).
+
+The harness never unpickles data from a child.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
-import os
-import pathlib
-import pickle
-import selectors
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from t2jax.tasks import _sandbox_child
-from t2jax.tasks._sandbox_child import OpaqueValue, decode_value
+from t2jax.tasks._sandbox_codec import OpaqueValue, decode_value
+from t2jax.tasks._sandbox_process import (
+    ISOLATION_ENV,
+    ISOLATION_MODES,
+    Child,
+    Overflow,
+    Plan,
+    SandboxLimits,
+    default_deny_read,
+    default_isolation,
+    missing_protections,
+    namespaces_available,
+    resolve,
+)
 
 __all__ = [
+    "ISOLATION_ENV",
+    "ISOLATION_MODES",
     "CallOutcome",
     "OpaqueValue",
     "SandboxLimits",
     "SandboxResult",
     "SandboxServer",
+    "default_isolation",
+    "missing_protections",
     "namespaces_available",
     "run_function",
-    "run_program",
+    "run_tests",
 ]
-
-CHILD_SCRIPT = pathlib.Path(_sandbox_child.__file__).resolve()
-ISOLATION_MODES = ("auto", "namespaces", "process")
-_NAMESPACE_PREFIX = (
-    "unshare",
-    "--user",
-    "--map-root-user",
-    "--net",
-    "--pid",
-    "--fork",
-    "--kill-child",
-    "--",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class SandboxLimits:
-    """Resource limits of one sandboxed run.
-
-    Attributes:
-        wall_seconds: wall-clock budget for the whole run, interpreter start-up included.
-        cpu_seconds: RLIMIT_CPU; None means ceil(wall_seconds) + 1.
-        memory_bytes: RLIMIT_AS (address space).
-        file_size_bytes: RLIMIT_FSIZE (largest file the program may write).
-        max_processes: RLIMIT_NPROC (enforced for non-root users and inside a user namespace).
-        max_open_files: RLIMIT_NOFILE.
-        max_result_bytes: cap on the result stream (encoded return values).
-        max_stderr_bytes: how much of the program's stderr is kept for diagnostics.
-    """
-
-    wall_seconds: float = 10.0
-    cpu_seconds: float | None = None
-    memory_bytes: int = 2 * 1024**3
-    file_size_bytes: int = 16 * 1024**2
-    max_processes: int = 64
-    max_open_files: int = 256
-    max_result_bytes: int = 64 * 1024**2
-    max_stderr_bytes: int = 64 * 1024
-
-    def child_limits(self) -> dict[str, int]:
-        cpu = self.cpu_seconds if self.cpu_seconds is not None else int(self.wall_seconds) + 2
-        return {
-            "cpu_seconds": max(1, int(cpu)),
-            "memory_bytes": self.memory_bytes,
-            "file_size_bytes": self.file_size_bytes,
-            "max_processes": self.max_processes,
-            "max_open_files": self.max_open_files,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,18 +93,19 @@ class CallOutcome:
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
-    """The outcome of a sandboxed run.
+    """The outcome of a sandboxed run, as the harness observed it.
 
     Attributes:
-        completed: the program (and every requested call) ran to its end.
-        exec_error: the exception that escaped the program's top level, if any.
-        calls: one outcome per call made so far (fewer than requested if stopped or killed).
+        completed: `run_function`: an outcome was observed for every input; `run_tests`: the
+            checker ran every test. Never set from an event of the untrusted process alone.
+        exec_error: the exception that escaped the program's top level, or the failed test.
+        calls: one outcome per call observed (fewer than requested if stopped or killed).
         timed_out: the wall-clock limit was hit and the process group killed.
         stopped_early: the caller's `stop` callback ended the run.
         returncode: the interpreter's exit status (negative: killed by that signal).
         stderr: the program's stderr, truncated to `max_stderr_bytes`.
         isolation: "namespaces" or "process".
-        note: harness-side problems (output over the cap, malformed protocol lines).
+        note: harness-side problems (output over the cap, protocol violations).
     """
 
     completed: bool
@@ -163,228 +139,19 @@ class SandboxResult:
         return f"exited with status {self.returncode} before finishing: {tail[0][:200]}"
 
 
-@functools.cache
-def namespaces_available() -> bool:
-    """Whether `unshare` can create user, network and PID namespaces here (probed once)."""
-    if shutil.which("unshare") is None:
-        return False
-    try:
-        probe = subprocess.run(
-            [*_NAMESPACE_PREFIX, "true"], capture_output=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
-
-
-def _isolation_prefix(isolation: str) -> tuple[list[str], str]:
-    if isolation not in ISOLATION_MODES:
-        raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
-    if isolation == "process" or (isolation == "auto" and not namespaces_available()):
-        return [], "process"
-    if not namespaces_available():
-        raise RuntimeError(
-            "isolation='namespaces' requested but `unshare --user --net --pid` fails"
-        )
-    return list(_NAMESPACE_PREFIX), "namespaces"
-
-
-def _scrubbed_env(workdir: str) -> dict[str, str]:
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-
-
-def _default_deny_read() -> list[str]:
-    data_dir = os.environ.get("T2JAX_DATA")
-    return [os.path.realpath(data_dir)] if data_dir else []
-
-
-def _message(request: dict) -> bytes:
-    payload = pickle.dumps(request)
-    return len(payload).to_bytes(8, "big") + payload
-
-
-def _feed(stream, payload: bytes, close: bool = True):
-    try:
-        stream.write(payload)
-        stream.flush()
-        if close:
-            stream.close()
-    except (BrokenPipeError, OSError, ValueError):
-        pass
-
-
-def _remove_tree(path: str):
-    def make_writable_and_retry(function, failed_path, _):
-        try:
-            os.chmod(os.path.dirname(failed_path), 0o700)
-            os.chmod(failed_path, 0o700)
-            function(failed_path)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=make_writable_and_retry)
-
-
-class _Collector:
-    """Parses the child's JSON-lines result stream as it arrives."""
-
-    def __init__(self, stop: Callable[[int, CallOutcome], bool] | None, limits: SandboxLimits):
-        self.stop = stop
-        self.limits = limits
-        self.pending = b""
-        self.result_bytes = 0
-        self.calls: list[CallOutcome] = []
-        self.exec_error: str | None = None
-        self.completed = False
-        self.stopped = False
-        self.note: str | None = None
-
-    def feed(self, chunk: bytes) -> bool:
-        """Consumes output; returns False when reading should end."""
-        self.result_bytes += len(chunk)
-        if self.result_bytes > self.limits.max_result_bytes:
-            self.note = f"output over the {self.limits.max_result_bytes}-byte cap"
-            return False
-        self.pending += chunk
-        *lines, self.pending = self.pending.split(b"\n")
-        return all(self._handle(line) for line in lines if line.strip())
-
-    def _handle(self, line: bytes) -> bool:
-        try:
-            message = json.loads(line)
-            event = message["event"]
-        except (ValueError, KeyError, TypeError):
-            self.note = "malformed result line from the sandbox"
-            return False
-        if event == "done":
-            self.completed = True
-        elif event == "exec_error":
-            self.exec_error = str(message.get("error"))
-        elif event == "call":
-            outcome = CallOutcome(
-                value=decode_value(message.get("value")),
-                error=None if message.get("error") is None else str(message["error"]),
-                seconds=float(message.get("seconds") or 0.0),
-            )
-            self.calls.append(outcome)
-            if self.stop is not None and self.stop(len(self.calls) - 1, outcome):
-                self.stopped = True
-                return False
-        return True
-
-
-def _start(isolation: str, workdir: str, stderr) -> tuple[subprocess.Popen, str]:
-    prefix, isolation_used = _isolation_prefix(isolation)
-    process = subprocess.Popen(
-        [*prefix, sys.executable, "-s", "-P", "-B", str(CHILD_SCRIPT)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        env=_scrubbed_env(workdir),
-        cwd=workdir,
-        start_new_session=True,
-        close_fds=True,
-    )
-    return process, isolation_used
-
-
-def _execute(
-    request: dict,
-    limits: SandboxLimits,
-    isolation: str,
-    stop: Callable[[int, CallOutcome], bool] | None,
-) -> SandboxResult:
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="t2jax-sandbox-"))
-    request = {**request, "workdir": workdir, "limits": limits.child_limits()}
-    collector = _Collector(stop, limits)
-    stderr = bytearray()
-    timed_out = False
-    try:
-        process, isolation_used = _start(isolation, workdir, subprocess.PIPE)
-        feeder = threading.Thread(
-            target=_feed, args=(process.stdin, _message(request)), daemon=True
-        )
-        feeder.start()
-        deadline = time.monotonic() + limits.wall_seconds
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ, "result")
-            selector.register(process.stderr, selectors.EVENT_READ, "stderr")
-            reading = True
-            while reading and selector.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                for key, _ in selector.select(remaining):
-                    chunk = os.read(key.fileobj.fileno(), 1 << 16)
-                    if not chunk:
-                        selector.unregister(key.fileobj)
-                    elif key.data == "stderr":
-                        stderr += chunk[: max(0, limits.max_stderr_bytes - len(stderr))]
-                    elif not collector.feed(chunk):
-                        reading = False
-                        break
-        _kill_group(process)
-        returncode = process.wait()
-        feeder.join(timeout=1)
-        for stream in (process.stdout, process.stderr):
-            stream.close()
-    finally:
-        _remove_tree(workdir)
-    return SandboxResult(
-        completed=collector.completed and not timed_out,
-        exec_error=collector.exec_error,
-        calls=tuple(collector.calls),
-        timed_out=timed_out,
-        stopped_early=collector.stopped,
-        returncode=returncode,
-        stderr=stderr.decode("utf-8", "replace"),
-        isolation=isolation_used,
-        note=collector.note,
+def _outcome(event: dict) -> CallOutcome:
+    error = event.get("error")
+    return CallOutcome(
+        value=None if error is not None else decode_value(event.get("value")),
+        error=None if error is None else str(error)[:1000],
+        seconds=float(event.get("seconds") or 0.0)
+        if isinstance(event.get("seconds"), (int, float))
+        else 0.0,
     )
 
 
-def _kill_group(process: subprocess.Popen):
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def run_program(
-    code: str,
-    *,
-    limits: SandboxLimits = SandboxLimits(),
-    isolation: str = "auto",
-    deny_read: Sequence[str] | None = None,
-) -> SandboxResult:
-    """Runs a whole program (e.g. a solution followed by its asserts) in the sandbox.
-
-    Args:
-        code: Python source, executed with `exec` in a fresh namespace (`__name__` is not
-            "__main__", as in human-eval and evalplus).
-        limits: resource limits.
-        isolation: "auto" (namespaces when available), "namespaces" or "process".
-        deny_read: directories the program may not read (default: the `T2JAX_DATA` directory,
-            so a program cannot look up reference solutions).
-
-    Returns:
-        A `SandboxResult`; the program passed iff `result.completed` and no `exec_error`.
-    """
-    request = {
-        "mode": "program",
-        "code": code,
-        "deny_read_roots": list(_default_deny_read() if deny_read is None else deny_read),
-    }
-    return _execute(request, limits, isolation, stop=None)
+# ---------------------------------------------------------------------------------------------
+# Entry points.
 
 
 def run_function(
@@ -396,16 +163,19 @@ def run_function(
     limits: SandboxLimits = SandboxLimits(),
     deepcopy_inputs: bool = False,
     stop: Callable[[int, CallOutcome], bool] | None = None,
-    isolation: str = "auto",
+    isolation: str | None = None,
     deny_read: Sequence[str] | None = None,
+    audit_hook: bool = True,
 ) -> SandboxResult:
     """Executes `code`, then calls `entry_point(*args)` for each argument list in the sandbox.
 
     Each call has its own time limit (SIGALRM in the child); its return value comes back decoded
-    to a plain Python value (`OpaqueValue` for what cannot be carried).
+    to a plain Python value (`OpaqueValue` for what cannot be carried). The run is `completed`
+    only when the harness observed one outcome per input, in order; a caller that needs a
+    verdict checks each outcome itself (in `stop` or afterwards).
 
     Args:
-        code: the program defining `entry_point`.
+        code: the program defining `entry_point` (`__name__` is not "__main__").
         entry_point: the function to call.
         inputs: argument lists; pickled into the child (they come from the harness).
         time_limits: seconds allowed per call, same length as `inputs`.
@@ -414,11 +184,15 @@ def run_function(
             computes reference outputs).
         stop: called with (index, outcome) as each call finishes; returning True kills the run
             (used to stop at the first wrong answer).
-        isolation: see `run_program`.
-        deny_read: see `run_program`.
+        isolation: one of `ISOLATION_MODES`; None: `default_isolation()`.
+        deny_read: extra directories the audit hook refuses to read (default: `$T2JAX_DATA`;
+            Landlock already refuses everything outside the interpreter and the work directory).
+        audit_hook: False leaves out the in-process audit hook, so that only the kernel's
+            mechanisms contain the program (for checking them; never for scoring).
     """
     if len(inputs) != len(time_limits):
         raise ValueError(f"{len(inputs)} inputs but {len(time_limits)} time limits")
+    plan = resolve(isolation)
     request = {
         "mode": "calls",
         "code": code,
@@ -426,19 +200,191 @@ def run_function(
         "inputs": [list(arguments) for arguments in inputs],
         "time_limits": [float(limit) for limit in time_limits],
         "deepcopy_inputs": deepcopy_inputs,
-        "deny_read_roots": list(_default_deny_read() if deny_read is None else deny_read),
+        "deny_read_roots": _deny_roots(deny_read),
+        "audit_hook": audit_hook,
     }
-    return _execute(request, limits, isolation, stop)
+    run = _Run(plan, limits)
+    child = Child(plan, request, limits)
+    try:
+        while len(run.calls) < len(inputs):
+            event = run.next_event(child)
+            if event is None or not run.take_call(event):
+                break
+            if stop is not None and stop(len(run.calls) - 1, run.calls[-1]):
+                run.stopped = True
+                break
+    finally:
+        run.returncode = child.close()
+    run.stderr = child.stderr_text()
+    return run.result(completed=len(run.calls) == len(inputs))
+
+
+def run_tests(
+    program: str,
+    tests: str,
+    entry_point: str,
+    *,
+    setup: str = "",
+    call_seconds: float = 5.0,
+    limits: SandboxLimits = SandboxLimits(),
+    isolation: str | None = None,
+    deny_read: Sequence[str] | None = None,
+) -> SandboxResult:
+    """Runs the harness's own test code against an untrusted program's `entry_point`.
+
+    The tests run in a checker process that executes only `setup` and `tests` (trusted), with
+    `entry_point` bound to a proxy: each call is relayed to the program's process, and its
+    return value comes back as a plain value (or its exception as `CandidateError`). The run is
+    `completed` (passed) only when the checker reports that `tests` ran to their end.
+
+    Args:
+        program: the untrusted program defining `entry_point`.
+        tests: test code calling `entry_point` by name (e.g. asserts, or a `check(...)` call).
+        entry_point: the function under test.
+        setup: trusted code run in the checker first (e.g. a problem's prompt with helpers).
+        call_seconds: time limit of each call in the program's process.
+        limits: limits of each of the two processes; `wall_seconds` bounds the whole run.
+        isolation, deny_read: see `run_function`.
+    """
+    plan = resolve(isolation)
+    deny = _deny_roots(deny_read)
+    candidate_request = {
+        "mode": "candidate",
+        "code": program,
+        "entry_point": entry_point,
+        "time_limit": float(call_seconds),
+        "deny_read_roots": deny,
+    }
+    checker_request = {
+        "mode": "checker",
+        "setup": setup,
+        "tests": tests,
+        "entry_point": entry_point,
+        "deny_read_roots": deny,
+    }
+    run = _Run(plan, limits)
+    candidate = Child(plan, candidate_request, limits)
+    checker = None
+    passed = False
+    try:
+        checker = Child(plan, checker_request, limits, prefix="t2jax-checker-")
+        if run.candidate_ready(run.next_event(candidate)):
+            passed = run.relay(checker, candidate)
+    finally:
+        run.returncode = candidate.close()
+        if checker is not None:
+            checker.close()
+    run.stderr = candidate.stderr_text()
+    return run.result(completed=passed)
+
+
+def _deny_roots(deny_read: Sequence[str] | None) -> list[str]:
+    return list(default_deny_read() if deny_read is None else deny_read)
+
+
+class _Run:
+    """What the harness has observed of one run so far, and the rules it checks events by."""
+
+    def __init__(self, plan: Plan, limits: SandboxLimits):
+        self.plan = plan
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.wall_seconds
+        self.calls: list[CallOutcome] = []
+        self.exec_error: str | None = None
+        self.note: str | None = None
+        self.timed_out = False
+        self.stopped = False
+        self.returncode: int | None = None
+        self.stderr = ""
+
+    def next_event(self, child: Child) -> dict | None:
+        """The child's next event; None at its end, on timeout or over the output cap."""
+        try:
+            return child.read_event(self.deadline)
+        except TimeoutError:
+            self.timed_out = True
+        except Overflow:
+            self.note = f"output over the {self.limits.max_result_bytes}-byte cap"
+        return None
+
+    def violation(self, event: dict):
+        self.note = f"protocol violation: unexpected {str(event.get('event'))[:40]!r} event"
+
+    def take_call(self, event: dict) -> bool:
+        """Records a call outcome if it is the next one expected; False ends the run."""
+        kind = event.get("event")
+        if kind == "exec_error":
+            self.exec_error = str(event.get("error"))[:1000]
+            return False
+        if kind == "call" and event.get("index") == len(self.calls):
+            self.calls.append(_outcome(event))
+            return True
+        self.violation(event)
+        return False
+
+    def candidate_ready(self, event: dict | None) -> bool:
+        if event is None:
+            return False
+        if event.get("event") == "ready":
+            return True
+        if event.get("event") == "exec_error":
+            self.exec_error = str(event.get("error"))[:1000]
+        else:
+            self.violation(event)
+        return False
+
+    def relay(self, checker: Child, candidate: Child) -> bool:
+        """Runs the checker, relaying its calls to the candidate; True iff the tests passed."""
+        while (event := self.next_event(checker)) is not None:
+            kind = event.get("event")
+            if kind == "passed":
+                return True
+            if kind == "failed":
+                self.exec_error = str(event.get("error"))[:1000]
+                return False
+            if kind != "call_request":
+                self.note = f"the test checker broke the protocol ({str(kind)[:40]!r})"
+                return False
+            arguments = decode_value(event.get("args"))
+            keywords = decode_value(event.get("kwargs"))
+            candidate.send({"args": arguments, "kwargs": keywords})
+            answer = self.next_event(candidate)
+            if answer is None:
+                if self.timed_out or self.note:
+                    return False
+                checker.send({"error": "the program's process ended"})
+            elif not self.take_call(answer):
+                return False
+            else:
+                outcome = self.calls[-1]
+                reply = {"error": outcome.error} if outcome.error else {"value": answer["value"]}
+                checker.send(reply)
+        if not self.timed_out and self.note is None:
+            self.note = "the test checker ended without a verdict: " + checker.stderr_text()[-300:]
+        return False
+
+    def result(self, completed: bool) -> SandboxResult:
+        return SandboxResult(
+            completed=completed and not self.timed_out and self.note is None,
+            exec_error=self.exec_error,
+            calls=tuple(self.calls),
+            timed_out=self.timed_out,
+            stopped_early=self.stopped,
+            returncode=self.returncode,
+            stderr=self.stderr,
+            isolation=self.plan.name,
+            note=self.note,
+        )
 
 
 class SandboxServer:
     """A long-lived sandboxed interpreter that answers many small requests cheaply.
 
     Trusted `setup_code` (which must define `handle(payload) -> value`) runs once; each request is
-    then handled in a child forked from the server that locks itself down (audit hook, as for
-    `run_program`) before it touches the payload, so untrusted input never runs in the server and
-    never leaks state into later requests. Used for sympy equivalence checks of model answers
-    (spec §3.5, MATH), which `parse_expr` evaluates as Python.
+    then handled in a child forked from the server that installs the audit hook before it touches
+    the payload, so untrusted input never runs in the server and never leaks state into later
+    requests. The server process itself is confined like every sandbox (Landlock, seccomp, uid,
+    namespaces). See the module docstring for what its answers can be trusted for.
 
     Thread-safe; restarts itself after a crash or an unanswered request. Call `close()` when done.
     """
@@ -450,27 +396,25 @@ class SandboxServer:
         request_timeout: float = 5.0,
         startup_timeout: float = 60.0,
         limits: SandboxLimits = SandboxLimits(cpu_seconds=24 * 3600),
-        isolation: str = "auto",
+        isolation: str | None = None,
         deny_read: Sequence[str] | None = None,
     ):
         self.setup_code = setup_code
         self.request_timeout = request_timeout
         self.startup_timeout = startup_timeout
         self.limits = limits
-        self.isolation = isolation
-        self.deny_read = list(_default_deny_read() if deny_read is None else deny_read)
+        self.plan = resolve(isolation)
+        self.deny_read = _deny_roots(deny_read)
         self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-        self._workdir: str | None = None
-        self._pending = b""
+        self._child: Child | None = None
 
     def call(self, payload: dict) -> CallOutcome:
         """Handles one request; errors (including "timeout") come back in `CallOutcome.error`."""
         with self._lock:
             try:
-                process = self._process or self._spawn()
-                _feed(process.stdin, _message(payload), close=False)
-                answer = self._read_line(self.request_timeout + 5.0)
+                child = self._child or self._spawn()
+                child.send(payload)
+                answer = self._read(self.request_timeout + 5.0)
             except (OSError, RuntimeError, ValueError) as error:
                 self._shutdown()
                 return CallOutcome(error=f"sandbox server failed: {error}")
@@ -483,51 +427,31 @@ class SandboxServer:
         with self._lock:
             self._shutdown()
 
-    def _spawn(self) -> subprocess.Popen:
-        self._workdir = os.path.realpath(tempfile.mkdtemp(prefix="t2jax-sandbox-server-"))
-        self._process, _ = _start(self.isolation, self._workdir, subprocess.DEVNULL)
+    def _spawn(self) -> Child:
         request = {
             "mode": "server",
             "code": self.setup_code,
-            "workdir": self._workdir,
-            "limits": self.limits.child_limits(),
             "deny_read_roots": self.deny_read,
             "request_timeout": self.request_timeout,
         }
-        _feed(self._process.stdin, _message(request), close=False)
-        ready = self._read_line(self.startup_timeout)
+        self._child = Child(
+            self.plan, request, self.limits, keep_stderr=False, prefix="t2jax-sandbox-server-"
+        )
+        ready = self._read(self.startup_timeout)
         if ready.get("event") != "ready":
             raise RuntimeError(f"setup failed: {ready.get('error', ready)}")
-        return self._process
+        return self._child
 
-    def _read_line(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        stream = self._process.stdout
-        while b"\n" not in self._pending:
-            remaining = deadline - time.monotonic()
-            ready = remaining > 0 and selectors_ready(stream, remaining)
-            chunk = os.read(stream.fileno(), 1 << 16) if ready else b""
-            if not chunk:
-                raise RuntimeError("no answer (timeout or crash)")
-            self._pending += chunk
-        line, self._pending = self._pending.split(b"\n", 1)
-        return json.loads(line)
+    def _read(self, timeout: float) -> dict:
+        try:
+            event = self._child.read_event(time.monotonic() + timeout)
+        except (TimeoutError, Overflow):
+            event = None
+        if event is None:
+            raise RuntimeError("no answer (timeout or crash)")
+        return event
 
     def _shutdown(self):
-        if self._process is not None:
-            _kill_group(self._process)
-            self._process.wait()
-            for stream in (self._process.stdin, self._process.stdout):
-                stream.close()
-            self._process = None
-        if self._workdir is not None:
-            _remove_tree(self._workdir)
-            self._workdir = None
-        self._pending = b""
-
-
-def selectors_ready(stream, timeout: float) -> bool:
-    """Whether `stream` has data (or EOF) within `timeout` seconds."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        return bool(selector.select(timeout))
+        if self._child is not None:
+            self._child.close()
+            self._child = None

@@ -1,6 +1,7 @@
 """The sandbox contains hostile programs: each fails with a reason, and the harness lives on
-(issue 4, "Sandbox")."""
+(issues 4 and 12, "Sandbox"; the full hostile corpus is in test_sandbox_hostile.py)."""
 
+import dataclasses
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ from t2jax.tasks.sandbox import (
     SandboxServer,
     namespaces_available,
     run_function,
-    run_program,
+    run_tests,
 )
 
 MODES = ["process", *(["namespaces"] if namespaces_available() else [])]
@@ -80,7 +81,8 @@ def test_hostile_programs_are_contained(isolation, secret, tmp_path):
     try:
         for name, code in hostile_programs(os.getpid(), str(outside)).items():
             start = time.monotonic()
-            result = run_program(code, limits=QUICK, isolation=isolation)
+            program = code + "\ndef f():\n    return 1"
+            result = run_function(program, "f", [[]], [1.0], limits=QUICK, isolation=isolation)
             assert not (result.completed and result.exec_error is None), name
             assert EXPECTED_REASONS[name] in result.reason, (name, result.reason)
             assert time.monotonic() - start < QUICK.wall_seconds + 2, name
@@ -89,7 +91,8 @@ def test_hostile_programs_are_contained(isolation, secret, tmp_path):
         signal.signal(signal.SIGUSR1, previous)
     assert outside.read_text() == "keep"
     assert received == []
-    assert run_program("x = 1", isolation=isolation).completed  # the harness carries on
+    carry_on = run_function("def f():\n    return 1", "f", [[]], [1.0], isolation=isolation)
+    assert carry_on.completed and carry_on.calls[0].value == 1  # the harness carries on
 
 
 def test_hostile_completions_score_as_failures(secret):
@@ -189,4 +192,61 @@ def test_server_isolates_each_request():
 
 def test_unknown_isolation_mode_is_an_error():
     with pytest.raises(ValueError, match="isolation"):
-        run_program("pass", isolation="container")
+        run_function("def f():\n    pass", "f", [[]], [1.0], isolation="container")
+
+
+def test_run_tests_passes_only_on_the_checkers_word():
+    tests = "assert f(2) == 3\nassert f(5) == 6"
+    assert run_tests("def f(x):\n    return x + 1", tests, "f").completed
+    wrong = run_tests("def f(x):\n    return x", tests, "f")
+    assert not wrong.completed and "AssertionError" in wrong.reason
+    raising = run_tests("def f(x):\n    raise ValueError('no')", tests, "f")
+    assert not raising.completed and "CandidateError: ValueError: no" in raising.reason
+    broken = run_tests("def f(x) return x", tests, "f")
+    assert not broken.completed and "SyntaxError" in broken.reason
+
+
+def test_the_kernel_alone_contains_the_self_test_attempts():
+    """`python -m t2jax.tasks.sandbox_check`: every attempt made without the audit hook."""
+    from t2jax.tasks.sandbox_check import self_test
+
+    rows = self_test()
+    assert len(rows) >= 6 and all(contained for _, _, contained, _ in rows), rows
+
+
+@pytest.fixture
+def no_landlock(monkeypatch):
+    from t2jax.tasks import _sandbox_process
+
+    real = _sandbox_process.kernel_plan
+
+    def without_landlock(namespaces):
+        return dataclasses.replace(real(namespaces), landlock_abi=0)
+
+    monkeypatch.setattr(_sandbox_process, "kernel_plan", without_landlock)
+    _sandbox_process.warn_once.cache_clear()
+    yield
+    _sandbox_process.warn_once.cache_clear()
+
+
+def test_strict_refuses_and_auto_warns_without_landlock(no_landlock, monkeypatch):
+    code = "def f():\n    return 1"
+    with pytest.raises(RuntimeError, match=r"strict.*Landlock"):
+        run_function(code, "f", [[]], [1.0], isolation="strict")
+    monkeypatch.setenv("T2JAX_SANDBOX", "strict")
+    with pytest.raises(RuntimeError, match="Landlock"):
+        run_function(code, "f", [[]], [1.0])
+    monkeypatch.setenv("T2JAX_SANDBOX", "auto")
+    with pytest.warns(RuntimeWarning, match="missing: Landlock") as caught:
+        assert run_function(code, "f", [[]], [1.0]).completed
+        assert run_function(code, "f", [[]], [1.0]).completed
+    assert len(caught) == 1  # once per process
+
+
+def test_cli_sandbox_switch_sets_the_process_default(monkeypatch):
+    from t2jax.cli import build_parser
+
+    monkeypatch.delenv("T2JAX_SANDBOX", raising=False)
+    assert build_parser().parse_args(["--sandbox", "strict", "params", "--model", "m"]).sandbox
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--sandbox", "none", "params", "--model", "m"])
