@@ -22,8 +22,8 @@ entries and of the paths the harness lists. The audit hook only gives clear erro
 last line where the kernel offers nothing; the kernel mechanisms are the boundary.
 
 Started with `--as-sandbox-user WORKDIR [--namespaces]` by a harness running as root, it first
-drops to an unprivileged uid (`_sandbox_kernel.drop_privileges`) and re-executes itself, through
-`unshare` for the namespaces mode.
+drops to an unprivileged uid (`_sandbox_kernel.drop_privileges`); for the namespaces mode it then
+re-executes itself through `unshare`.
 
 Protocol: events are JSON lines on a private duplicate of the original stdout (`{"event": "call",
 "index": i, "value": <encoded>}`, `{"event": "exec_error", ...}`, ...). Untrusted code can write
@@ -410,14 +410,14 @@ _INTERPRETER_FLAGS = ("-s", "-P", "-B")
 
 
 def _become_sandbox_user(argv: list[str]):
-    """Launcher stage (root only): drop to the sandbox uid, then re-execute this script."""
+    """Launcher stage (root only): drop to the sandbox uid; for the namespaces mode, re-execute
+    this script through `unshare` (the process mode carries on in this interpreter)."""
     workdir, namespaces = argv[0], "--namespaces" in argv[1:]
     script = os.path.realpath(__file__)
     kernel.drop_privileges([*kernel.interpreter_roots(), os.path.dirname(script), workdir])
-    command = [sys.executable, *_INTERPRETER_FLAGS, script]
     if namespaces:
-        command = [*_NAMESPACES_COMMAND, *command]
-    os.execvp(command[0], command)
+        command = [*_NAMESPACES_COMMAND, sys.executable, *_INTERPRETER_FLAGS, script]
+        os.execvp(command[0], command)
 
 
 def main():
