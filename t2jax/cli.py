@@ -6,6 +6,7 @@ Examples:
   t2jax decompose --model smollm2-135m-instruct
   t2jax expert info math.safetensors
   t2jax params --model smollm2-135m-instruct --targets mlp
+  t2jax plan --model Llama-3-8B-Instruct --topology v5e-4
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mesh",
         type=_mesh_shape,
-        default=MeshConfig().shape,
-        help="mesh shape over axes data,fsdp,tensor; -1 takes the remaining devices",
+        default=None,
+        help="mesh shape over axes data,fsdp,tensor; -1 takes the remaining devices (default: "
+        "all data-parallel, FSDP on accelerators when the weights do not fit a chip)",
     )
 
 
@@ -189,6 +191,88 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="compile the programs for a TPU topology from any host: per-device memory and the "
+        "mesh / RL microbatch / remat that fit (needs the aot extra)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="paper model (Llama-3-8B-Instruct, Llama-3-70B-Instruct, Mistral-7B-Instruct-v0.3, "
+        "Qwen2.5-7B-Instruct: no weights needed), registry name, HF directory or hub id; "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--topology", action="append", required=True, help="v5e-4, v5e-8, v5p-8, ...; repeatable"
+    )
+    parser.add_argument("--mesh", type=_mesh_shape, default=None, help="check this mesh instead")
+    parser.add_argument("--batch", type=int, default=32, help="decode rows")
+    parser.add_argument("--prompt-length", type=int, default=1024)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--rl-batch", type=int, default=256, help="rows of an RL step")
+    parser.add_argument("--rl-sequence", type=int, default=1024, help="tokens per RL row")
+    parser.add_argument("--targets", default="mlp")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--microbatch", type=int, default=None, help="check this RL microbatch")
+    parser.add_argument(
+        "--remat", choices=("on", "off"), default=None, help="with --microbatch (default on)"
+    )
+    parser.add_argument(
+        "--programs",
+        default=None,
+        help="comma-separated subset of prefill,decode,factored_decode,"
+        "merge,rl_merged,rl_factored (default: all)",
+    )
+    parser.add_argument("--out", default="plan.json", help="JSON file of every plan")
+    parser.add_argument("--table", action="store_true", help="print a Markdown table at the end")
+    parser.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from t2jax import plan
+
+    workload = plan.Workload(
+        batch=args.batch,
+        prompt_length=args.prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        rl_batch=args.rl_batch,
+        rl_sequence=args.rl_sequence,
+        targets=args.targets,
+        dtype=args.dtype,
+    )
+    memory = None
+    if args.microbatch is not None:
+        memory = plan.RLMemory(args.microbatch, args.remat != "off")
+    programs = plan.PROGRAMS if args.programs is None else tuple(args.programs.split(","))
+    plans = []
+    for model in args.model:
+        for topology in args.topology:
+            print(f"== {model} on {topology}", flush=True)
+            result = plan.plan(
+                model,
+                topology,
+                workload,
+                mesh_shape=args.mesh,
+                rl_memory=memory,
+                programs=programs,
+                log=lambda line: print(line, flush=True),
+            )
+            print(
+                f"mesh {result['mesh']}  RL microbatch {result['rl']['microbatch_size']} "
+                f"remat {result['rl']['remat']}  fits: {result['fits']}",
+                flush=True,
+            )
+            plans.append(result)
+            plan.write_plan(plans, args.out)
+    if args.table:
+        print(plan.scaling_table(plans))
+    print(f"plan: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="t2jax", description=__doc__.split("\n")[0])
@@ -206,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     svf_cli.register(subparsers)
     train_cli.register(subparsers)
     adapt_cli.register(subparsers)
+    _add_plan(subparsers)
     return parser
 
 

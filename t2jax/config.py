@@ -232,12 +232,16 @@ class SamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape. `-1` in one axis takes all remaining devices."""
+    """Device mesh shape. `-1` in one axis takes all remaining devices. None (the default): chosen
+    for the model and devices when it is loaded (`t2jax.plan.default_mesh_shape`: all
+    data-parallel on CPU or when the weights fit a chip, else FSDP-sharded)."""
 
-    shape: tuple[int, ...] = (-1, 1, 1)
+    shape: tuple[int, ...] | None = None
     axis_names: tuple[str, ...] = ("data", "fsdp", "tensor")
 
     def __post_init__(self):
+        if self.shape is None:
+            return
         if len(self.shape) != len(self.axis_names):
             raise ConfigError(f"mesh shape {self.shape} and axis names {self.axis_names} differ")
         if sum(size == -1 for size in self.shape) > 1:

@@ -63,11 +63,21 @@ def load_model(
         dtype: parameter dtype; defaults to `default_dtype()`.
         stacked: layer layout (see `t2jax.model`); defaults to the faster one on the mesh's
             devices.
-        mesh_config: the device mesh; weights are FSDP/tensor-sharded on it.
+        mesh_config: the device mesh; weights are FSDP/tensor-sharded on it. Without a shape,
+            `t2jax.plan.default_mesh_shape` picks one for the model and the devices' memory.
         skip: per-layer kernel keys to leave out (e.g. SVF targets once factored).
         progress: show progress while loading.
     """
     checkpoint = load_checkpoint(name_or_path, progress=progress)
+    dtype = dtype or default_dtype()
+    if mesh_config.shape is None:
+        from t2jax import plan  # plan compiles the programs that use this module
+
+        devices = jax.devices()
+        shape = plan.default_mesh_shape(
+            checkpoint.config, len(devices), plan.device_hbm_gib(devices[0]), dtype
+        )
+        mesh_config = dataclasses.replace(mesh_config, shape=shape)
     mesh = parallel.make_mesh(mesh_config)
     rules = parallel.ShardingRules()
     if stacked is None:
@@ -79,7 +89,7 @@ def load_model(
     weights = model_lib.weights_from_hf(
         checkpoint.config,
         checkpoint.tensors,
-        dtype=dtype or default_dtype(),
+        dtype=dtype,
         stacked=stacked,
         skip=skip,
         place=place,

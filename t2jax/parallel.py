@@ -49,12 +49,14 @@ _LOGICAL_AXES = {
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh:
-    """Builds a mesh over all (or the given) devices; one axis of size -1 takes the rest."""
+    """Builds a mesh over all (or the given) devices; one axis of size -1 takes the rest (no
+    shape: all devices data-parallel; `t2jax.loading.load_model` picks one for the model)."""
     devices = list(jax.devices() if devices is None else devices)
-    fixed = math.prod(size for size in config.shape if size != -1)
+    requested = config.shape or (-1,) + (1,) * (len(config.axis_names) - 1)
+    fixed = math.prod(size for size in requested if size != -1)
     if len(devices) % fixed:
-        raise ConfigError(f"mesh shape {config.shape} does not divide {len(devices)} devices")
-    shape = tuple(len(devices) // fixed if size == -1 else size for size in config.shape)
+        raise ConfigError(f"mesh shape {requested} does not divide {len(devices)} devices")
+    shape = tuple(len(devices) // fixed if size == -1 else size for size in requested)
     if math.prod(shape) != len(devices):
         raise ConfigError(
             f"mesh shape {shape} needs {math.prod(shape)} devices, have {len(devices)}"

@@ -80,6 +80,9 @@ BEST_EXPERT_FILE = "best_expert.safetensors"
 FINAL_EXPERT_FILE = "final_expert.safetensors"
 # Rewritten at every checkpoint: usable while a run is going or after it was stopped.
 LATEST_EXPERT_FILE = "latest_expert.safetensors"
+# Prompt tokens assumed when the RL microbatch is chosen before any rollout (chat-templated
+# few-shot-free benchmark prompts are well under this).
+PROMPT_LENGTH_ESTIMATE = 512
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,6 +544,12 @@ def load_setup(config: TrainConfig) -> Setup:
         mesh=loaded.mesh,
         progress=config.run.progress,
     )
+    from t2jax import plan  # plan compiles this module's gradient step
+
+    max_new_tokens = config.task.max_new_tokens or task.max_new_tokens
+    sequence = padded_length(PROMPT_LENGTH_ESTIMATE + max_new_tokens, config.rl.logprob_chunk)
+    rl = plan.resolve_rl(config.rl, loaded.config, loaded.mesh, sequence, targets)
+    config = dataclasses.replace(config, rl=rl)
     return Setup(
         config=config,
         loaded=loaded,
@@ -550,7 +559,7 @@ def load_setup(config: TrainConfig) -> Setup:
         eval_train=eval_train,
         valid=valid,
         test=test,
-        max_new_tokens=config.task.max_new_tokens or task.max_new_tokens,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -930,11 +939,14 @@ class Trainer:
 
 
 def _without_locations(section: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A config section without the fields that only say where files are (a run may resume on
-    another machine with its data and SVD cache elsewhere)."""
+    """A config section without the fields that only say where files are and how devices are
+    used (a run may resume on another machine with its data and SVD cache elsewhere, and
+    another mesh)."""
     if section is None:
         return None
-    return {key: value for key, value in section.items() if key not in ("data_dir", "cache_dir")}
+    return {
+        key: value for key, value in section.items() if key not in ("data_dir", "cache_dir", "mesh")
+    }
 
 
 def paired_comparison(base_dir: pathlib.Path, other_dir: pathlib.Path) -> dict[str, float] | None:

@@ -153,8 +153,9 @@ class RLConfig:
             cosine decay over `num_iters`).
         weight_decay: AdamW's decoupled weight decay ("adamw_cosine" only).
         batch_size: prompts per update (official 256; capped at the training-set size).
-        microbatch_size: rows per `lax.scan` step of the gradient (None: the whole batch at
-            once); rounded up to a multiple of the data-parallel size.
+        microbatch_size: rows per `lax.scan` step of the gradient, rounded up to a multiple of
+            the data-parallel size. None: the whole batch at once on CPU; on TPU/GPU the
+            largest that fits the chips' memory (`t2jax.plan.default_rl_memory`).
         num_iters: number of updates.
         eval_every: evaluate after update i when i % eval_every == 0 (i from 0; official 10).
         seed: seed of the batch order (`np.random.RandomState(seed).choice` per step, as in the
@@ -177,7 +178,8 @@ class RLConfig:
             are never materialized at once).
         remat: recompute each layer's activations in the backward pass (`jax.checkpoint`):
             peak memory of the gradient step drops from all layers' activations to one
-            layer's, for about one extra forward pass. Use it when a step runs out of memory.
+            layer's, for about one extra forward pass. None: off on CPU, on on TPU/GPU (where
+            the paper's models need it to fit, see `t2jax.plan`).
         rollout_batch_size: prompts per sampler call (None: the whole batch).
     """
 
@@ -201,7 +203,7 @@ class RLConfig:
     require_extracted_answer: bool = False
     completion_tokens: str = "retokenize"
     logprob_chunk: int = 128
-    remat: bool = False
+    remat: bool | None = None
     rollout_batch_size: int | None = None
 
     def __post_init__(self):

@@ -609,7 +609,7 @@ def merge_into_weights(
     svf = svf_from_factors(factors, z, "merged")
     dtype = weights.embed.dtype
     if model_lib.is_stacked(weights.layers):
-        merged = _merged_stacked(_stacked_svf(svf.layers), dtype)
+        merged = merge_kernels(_stacked_svf(svf.layers), dtype)
         return dataclasses.replace(weights, layers=_with_kernels(weights.layers, merged))
     layers = tuple(
         _with_kernels(layer, _merged_layer(model_lib.layer_slice(svf.layers, i), dtype))
@@ -648,8 +648,9 @@ def _merged_layer(layer_svf: svf_lib.LayerSVF, dtype: Any) -> dict[str, Array]:
 
 
 @jax.jit(static_argnames="dtype")
-def _merged_stacked(layer_svf: svf_lib.LayerSVF, dtype: Any) -> dict[str, Array]:
-    """Per-layer W' of stacked targets, one layer at a time (`lax.map`) to bound fp32 memory."""
+def merge_kernels(layer_svf: svf_lib.LayerSVF, dtype: Any) -> dict[str, Array]:
+    """W'(z) [L, in, out] in `dtype` of every stacked target, one layer at a time (`lax.map`) to
+    bound fp32 memory: the program behind `merge_into_weights` for stacked layers."""
     return {
         key: jax.lax.map(lambda t: svf_lib.compose(t).astype(dtype), target)  # [L, in, out]
         for key, target in layer_svf.targets.items()
