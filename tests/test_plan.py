@@ -66,3 +66,4 @@ def test_llama3_8b_decode_and_rl_step_fit_v5e_4_with_the_defaults():
         assert record["arguments_gib"] < record["total_gib"]
     assert result["fits"]
     assert jax.default_backend() == "cpu"  # compiled from this CPU host
+    print(plan.scaling_table([result]))  # with -s: the figures of this run
