@@ -56,11 +56,18 @@ from t2jax.tasks import (
     reward_of,
     seeded_shuffle_split,
 )
-from t2jax.tasks.cls import OTHER, ClsTask
+from t2jax.tasks.cls import (
+    CLASSIFICATION_ANSWER,
+    DISPATCH_METHODS,
+    OTHER,
+    ClsTask,
+    DispatchMethod,
+)
 
 Array = jax.Array
 Strategy = Literal["prompt", "cls", "fewshot"]
 STRATEGIES = ("prompt", "cls", "fewshot")
+
 CLASSIFIER = "cls"  # route name of the classification expert (official "other" quirk only)
 MIXTURE = "mixture"  # route name of the few-shot mixture
 # Which expertise each benchmark needs (rows of the dispatch confusion matrix, paper Fig. 6).
@@ -271,17 +278,18 @@ def _concatenate(generations: Sequence[Generation]) -> Generation:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _mean_target_logprob(
+@functools.partial(jax.jit, static_argnames=("config", "mean"))
+def _target_logprob(
     config: ModelConfig,
     weights: model_lib.Weights,
-    svf: svf_lib.ModelSVF,
+    svf: svf_lib.ModelSVF | None,
     tokens: Array,
     mask: Array,
     target_mask: Array,
+    mean: bool,
 ) -> Array:
-    """Mean log-probability of the tokens marked by `target_mask` [B, T] given what precedes
-    them; 0 for rows without targets. Logits are formed 64 positions at a time."""
+    """Summed (or mean) log-probability of the tokens marked by `target_mask` [B, T] given what
+    precedes them; 0 for rows without targets. Logits are formed 64 positions at a time."""
     positions = model_lib.positions_from_mask(mask)  # [B, T]
     hidden, _ = model_lib.forward(config, weights, tokens, positions, mask, svf=svf)  # [B, T, D]
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [B, T]: the token each one predicts
@@ -289,7 +297,7 @@ def _mean_target_logprob(
     chunk = math.gcd(tokens.shape[1], 64)
     token_logprobs, _ = logprobs.token_log_probs(weights, hidden, next_tokens, chunk)  # [B, T]
     total = jnp.sum(jnp.where(scored, token_logprobs, 0.0), axis=-1)  # [B]
-    return total / jnp.maximum(jnp.sum(scored, axis=-1), 1)  # [B]
+    return total / jnp.maximum(jnp.sum(scored, axis=-1), 1) if mean else total  # [B]
 
 
 def output_logprobs(
@@ -300,9 +308,11 @@ def output_logprobs(
     row_choice: Sequence[int],
     *,
     batch_size: int = 16,
+    reduce: Literal["mean", "sum"] = "mean",
 ) -> np.ndarray:
-    """Mean per-token log-probability of each output given its prompt, under its row's weights
-    (the official CEM tie-break score; 0.0 for an empty output).
+    """Log-probability of each output given its prompt, under its row's weights: the mean per
+    token (the official CEM tie-break score) or the sum (the output's log-likelihood); 0.0 for
+    an empty output.
 
     Returns:
         [B] float32.
@@ -311,7 +321,8 @@ def output_logprobs(
     if not sequences:
         return np.zeros(0, np.float32)
     length = bucket_length(max(map(len, sequences)), model.sampler.sampler_config.prompt_buckets)
-    table = _expert_table([*choices, None])
+    base_only = all(choices[c] is None for c in set(row_choice))
+    table = None if base_only else _expert_table([*choices, None])
     results = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -322,11 +333,11 @@ def output_logprobs(
             target_mask[row, length - len(output) :] = len(output) > 0
         choice = list(row_choice[start : start + batch_size])
         choice += [len(choices)] * (batch_size - len(choice))  # padding rows: the base weights
-        svf = _per_row_svf(model, table, choice)
-        means = _mean_target_logprob(
-            model.config, model.weights, svf, tokens, mask, target_mask
+        svf = None if base_only else _per_row_svf(model, table, choice)
+        scores = _target_logprob(
+            model.config, model.weights, svf, tokens, mask, target_mask, reduce == "mean"
         )  # [b]
-        results.append(np.asarray(means)[: len(chunk)])
+        results.append(np.asarray(scores)[: len(chunk)])
     return np.concatenate(results)
 
 
@@ -340,6 +351,7 @@ class Dispatch:
 
     categories: tuple[str, ...]
     outputs: tuple[str, ...]
+    method: DispatchMethod = "generate"
 
 
 def classification_prompt(tokenizer: Any, question: str, official_quirks: bool = False) -> str:
@@ -354,17 +366,27 @@ def classify(
     questions: Sequence[str],
     *,
     use_classifier: bool = False,
+    method: DispatchMethod = "generate",
     max_new_tokens: int = 512,
     rows_per_call: int | None = None,
     official_quirks: bool = False,
 ) -> Dispatch:
-    """Pass 1 of strategies A (base weights) and B (`use_classifier`: the cls expert's weights):
-    greedy answers to the classification prompt, parsed to code / math / reasoning / other."""
+    """Pass 1 of strategies A (base weights) and B (`use_classifier`: the cls expert's weights).
+
+    `method` "generate" (official): greedy answers to the classification prompt, parsed to code /
+    math / reasoning / other (no `\\boxed{}` category: other). "likelihood": each of the four
+    answers `CLASSIFICATION_ANSWER` is scored as the reply to the same prompt and the most likely
+    one is taken (always a valid category; one batched teacher-forced pass, no generation).
+    """
     if use_classifier and model.classifier is None:
         raise AdaptError("strategy 'cls' needs a classification expert")
+    if method not in DISPATCH_METHODS:
+        raise AdaptError(f"unknown dispatch {method!r}; choose one of {DISPATCH_METHODS}")
     tokenizer = model.sampler.tokenizer
     prompts = [classification_prompt(tokenizer, q, official_quirks) for q in questions]
     first_pass_z = model.expert_z[CLASSIFIER] if use_classifier else None
+    if method == "likelihood":
+        return _classify_by_likelihood(model, prompts, first_pass_z, rows_per_call)
     generation = generate_rows(
         model,
         prompts,
@@ -376,6 +398,34 @@ def classify(
     )
     categories = tuple(parse_category(text) for text in generation.texts)
     return Dispatch(categories=categories, outputs=tuple(generation.texts))
+
+
+def _classify_by_likelihood(
+    model: ExpertModel,
+    prompts: Sequence[str],
+    z: svf_lib.ZVectors | None,
+    rows_per_call: int | None,
+) -> Dispatch:
+    labels = (*CATEGORIES, OTHER)
+    answers = [CLASSIFICATION_ANSWER.format(label) for label in labels]
+    prompt_ids = model.sampler.encode(prompts)
+    answer_ids = model.sampler.encode(answers)
+    rows = [(p, a) for p in prompt_ids for a in answer_ids]  # question-major
+    scores = output_logprobs(
+        model,
+        [p for p, _ in rows],
+        [a for _, a in rows],
+        [z],
+        [0] * len(rows),
+        batch_size=rows_per_call or 16,
+        reduce="sum",
+    ).reshape(len(prompts), len(labels))  # [Q, 4]
+    best = np.argmax(scores, axis=-1)  # [Q]
+    return Dispatch(
+        categories=tuple(labels[i] for i in best),
+        outputs=tuple(answers[i] for i in best),
+        method="likelihood",
+    )
 
 
 def route(
@@ -727,6 +777,8 @@ class AdaptOptions:
         stop_strings: pass-2 stop strings.
         rows_per_call: rows per sampler call in pass 2 (None: the whole batch in one call).
         classify_max_new_tokens: pass-1 budget of the dispatch strategies.
+        dispatch: how pass 1 reads the category: "generate" (official: generate and parse the
+            first `\\boxed{}`) or "likelihood" (the most likely of the four answers).
         official_other: "other" runs with the last-loaded expert (the official bug).
         official_quirks: render the classification prompt with the official Llama-3 template.
         few_shot: settings of strategy "fewshot".
@@ -736,6 +788,7 @@ class AdaptOptions:
     stop_strings: tuple[str, ...] = OFFICIAL_STOP_STRINGS
     rows_per_call: int | None = None
     classify_max_new_tokens: int = 512
+    dispatch: DispatchMethod = "generate"
     official_other: bool = False
     official_quirks: bool = False
     few_shot: FewShotConfig = FewShotConfig()
@@ -821,6 +874,7 @@ def adapt(
             model,
             [example.question for example in examples],
             use_classifier=strategy == "cls",
+            method=options.dispatch,
             max_new_tokens=options.classify_max_new_tokens,
             rows_per_call=options.rows_per_call,
             official_quirks=options.official_quirks,
@@ -955,6 +1009,8 @@ def score_run(run: AdaptRun, task: Task | None = None) -> tuple[list[dict], dict
             name or "base": run.routes.count(name) for name in sorted(set(run.routes), key=str)
         },
     }
+    if run.dispatch is not None:
+        summary["dispatch"] = run.dispatch.method
     if task is not None:
         scores = task.score_batch(list(run.examples), list(run.outputs))
         for record, example, score in zip(records, run.examples, scores, strict=True):

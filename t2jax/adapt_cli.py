@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `adapt` to the main parser's subparsers."""
     from t2jax.cli import add_model_arguments
     from t2jax.tasks import TASK_NAMES
+    from t2jax.tasks.cls import DISPATCH_METHODS
 
     parser = subparsers.add_parser(
         "adapt", help="two-pass self-adaptation (prompt / cls-expert dispatch, few-shot CEM)"
@@ -48,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=None, help="pass 2 (default: the task's, or 512)"
     )
     parser.add_argument("--classify-max-new-tokens", type=int, default=512, help="pass 1")
+    parser.add_argument(
+        "--dispatch",
+        choices=DISPATCH_METHODS,
+        default="generate",
+        help="pass 1 of prompt/cls: generate and parse \\boxed{} (official) or take the most "
+        "likely of the four category answers (always a valid category)",
+    )
     parser.add_argument(
         "--rows-per-call", type=int, default=None, help="rows per sampler call (default: all)"
     )
@@ -204,6 +212,7 @@ def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported
         stop_strings=tuple(task.stop_strings) if task is not None else OFFICIAL_STOP_STRINGS,
         rows_per_call=args.rows_per_call,
         classify_max_new_tokens=args.classify_max_new_tokens,
+        dispatch=args.dispatch,
         official_other=args.official_other,
         official_quirks=args.official_quirks,
         few_shot=few_shot_config(args),

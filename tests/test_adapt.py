@@ -166,8 +166,53 @@ def test_output_logprobs_match_a_full_forward_pass(setup):
     positions = model_lib.positions_from_mask(mask)
     hidden, _ = model_lib.forward(model.config, weights, tokens, positions, mask)
     log_probs = jax.nn.log_softmax(model_lib.logits(weights, hidden))[0]  # [T, V]
-    expected = np.mean([log_probs[2 + i, token] for i, token in enumerate(output_ids[0])])
-    np.testing.assert_allclose(got, [expected, 0.0], rtol=1e-4, atol=1e-5)
+    per_token = [log_probs[2 + i, token] for i, token in enumerate(output_ids[0])]
+    np.testing.assert_allclose(got, [np.mean(per_token), 0.0], rtol=1e-4, atol=1e-5)
+    summed = adapt.output_logprobs(
+        model, prompt_ids, output_ids, [z], [0, 0], batch_size=4, reduce="sum"
+    )
+    np.testing.assert_allclose(summed, [np.sum(per_token), 0.0], rtol=1e-4, atol=1e-5)
+
+
+def reply_log_likelihood(model, z, prompt_ids, reply_ids) -> float:
+    """log p(reply | prompt) from one unpadded full forward pass under W'(z)."""
+    weights = (
+        model.weights if z is None else svd.merge_into_weights(model.weights, model.factors, z)
+    )
+    tokens = jnp.asarray([list(prompt_ids) + list(reply_ids)])
+    mask = jnp.ones_like(tokens, bool)
+    hidden, _ = model_lib.forward(
+        model.config, weights, tokens, model_lib.positions_from_mask(mask), mask
+    )
+    log_probs = jax.nn.log_softmax(model_lib.logits(weights, hidden))[0]  # [T, V]
+    start = len(prompt_ids) - 1
+    return float(sum(log_probs[start + i, token] for i, token in enumerate(reply_ids)))
+
+
+@pytest.mark.parametrize("use_classifier", [False, True])
+def test_likelihood_dispatch_takes_the_most_likely_category_answer(setup, use_classifier):
+    _, model = setup
+    questions = ["Sort a list in Python.", "What is 17 * 3?", "Why is the sky blue?"]
+    dispatch = adapt.classify(
+        model, questions, use_classifier=use_classifier, method="likelihood", rows_per_call=5
+    )
+    labels = ("code", "math", "reasoning", "other")
+    z = model.expert_z["cls"] if use_classifier else None
+    tokenizer = model.sampler.tokenizer
+    expected = []
+    for question in questions:
+        prompt = model.sampler.encode([adapt.classification_prompt(tokenizer, question)])[0]
+        scores = [
+            reply_log_likelihood(
+                model, z, prompt, model.sampler.encode([f"Classification: \\boxed{{{label}}}"])[0]
+            )
+            for label in labels
+        ]
+        expected.append(labels[int(np.argmax(scores))])
+    assert dispatch.categories == tuple(expected)
+    assert dispatch.method == "likelihood"
+    assert dispatch.outputs == tuple(f"Classification: \\boxed{{{c}}}" for c in expected)
+    assert {parse_category(text) for text in dispatch.outputs} <= set(labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,10 +397,13 @@ def adapt_command(root, out, *extra):
     return cli.main(argv)
 
 
-@pytest.mark.parametrize("strategy", ["prompt", "cls"])
-def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "dispatch"), [("prompt", "generate"), ("cls", "generate"), ("cls", "likelihood")]
+)
+def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy, dispatch):
     root, _ = setup
     extra = ["--cls-expert", str(root / "cls.safetensors")] if strategy == "cls" else []
+    extra += ["--dispatch", dispatch]
     status = adapt_command(
         root, tmp_path, "--strategy", strategy, "--task", "arc_challenge", "--limit", "3", *extra
     )
@@ -369,6 +417,7 @@ def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy):
         assert record["correct"] in (True, False)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["strategy"] == strategy and summary["n"] == 3
+    assert summary["dispatch"] == dispatch
     assert (
         set(summary["routes"]) <= {"base", *EXPERT_NAMES} and sum(summary["routes"].values()) == 3
     )

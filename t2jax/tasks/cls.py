@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from t2jax.tasks.arc import ArcChallengeTask
 from t2jax.tasks.base import TEMPLATE_PLAIN, Example, Score, Task
@@ -28,6 +29,11 @@ from t2jax.tasks.prompts import CLASSIFICATION_PROMPT
 
 CATEGORIES = ("code", "math", "reasoning")
 OTHER = "other"
+# How the dispatcher reads a category (t2jax.adapt.classify): the official generate-and-parse,
+# or the most likely of the four replies CLASSIFICATION_ANSWER asks for.
+DispatchMethod = Literal["generate", "likelihood"]
+DISPATCH_METHODS: tuple[str, ...] = ("generate", "likelihood")
+CLASSIFICATION_ANSWER = "Classification: \\boxed{{{}}}"
 RECIPES = ("clean", "official")
 # The official loop breaks when its counter reaches 400, after taking 399 samples per source.
 OFFICIAL_PER_SOURCE = 399
