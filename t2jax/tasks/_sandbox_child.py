@@ -120,6 +120,10 @@ _ATTRIBUTES_REMOVED = {
     "subprocess": ("_fork_exec",),  # before _posixsubprocess: its import binds fork_exec
     "_posixsubprocess": ("fork_exec",),
 }
+# Audit hooks are per interpreter: a subinterpreter would run without this one.
+_SUBINTERPRETER_MODULES = frozenset(
+    {"_xxsubinterpreters", "_xxinterpchannels", "_xxinterpqueues", "_interpreters"}
+)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -164,6 +168,8 @@ def _make_audit_hook(workdir: str, deny_read_roots: tuple[str, ...]):
     def hook(event, args):
         if event in _BLOCKED_EVENTS:
             deny(event)
+        if event == "import" and args and args[0] in _SUBINTERPRETER_MODULES:
+            deny(event, f"{args[0]} (subinterpreters run without this hook)")
         if event == "open":
             path = _resolved(args[0])
             if path is None:

@@ -95,7 +95,21 @@ def encode_value(value):
         return _opaque(value, f"<encoding failed: {type(error).__name__}>")
 
 
-def _decode_tagged(data: dict):
+_ARRAY_KINDS = "biufcUS"  # bool, integers, floats, complex, strings: plain scalar dtypes only
+
+
+def _array_dtype(text):
+    """The dtype named by an event, if it is a plain scalar one (a subarray dtype such as
+    "(20000000,)i8" would make a tiny event allocate gigabytes)."""
+    import numpy  # only the harness decodes arrays
+
+    dtype = numpy.dtype(str(text))
+    if dtype.kind not in _ARRAY_KINDS or dtype.shape != () or dtype.itemsize > 64:
+        raise ValueError(f"unsupported array dtype {text!r}")
+    return dtype
+
+
+def _decode_tagged(data: dict, depth: int):
     tag = data.get(_TAG)
     payload = data.get("v")
     if tag == "int":
@@ -105,30 +119,41 @@ def _decode_tagged(data: dict):
     if tag == "bytes":
         return bytes.fromhex(payload)
     if tag == "tuple":
-        return tuple(decode_value(item) for item in payload)
+        return tuple(_decode(item, depth + 1) for item in payload)
     if tag == "set":
-        return {decode_value(item) for item in payload}
+        return {_decode(item, depth + 1) for item in payload}
     if tag == "frozenset":
-        return frozenset(decode_value(item) for item in payload)
+        return frozenset(_decode(item, depth + 1) for item in payload)
     if tag == "dict":
-        return {decode_value(key): decode_value(item) for key, item in payload}
+        return {_decode(key, depth + 1): _decode(item, depth + 1) for key, item in payload}
     if tag == "ndarray":
-        import numpy  # only the harness decodes arrays
+        import numpy
 
-        return numpy.array(decode_value(payload), dtype=data.get("dtype"))
+        return numpy.array(_decode(payload, depth + 1), dtype=_array_dtype(data.get("dtype")))
     return OpaqueValue(str(data.get("type")), str(payload))
 
 
-def decode_value(data):
-    """Inverse of `encode_value`; unknown or malformed tags become an `OpaqueValue`."""
+def _decode(data, depth: int):
+    if depth > _MAX_DEPTH:
+        raise OverflowError
     if isinstance(data, list):
-        return [decode_value(item) for item in data]
+        return [_decode(item, depth + 1) for item in data]
     if isinstance(data, dict):
         try:
-            return _decode_tagged(data)
+            return _decode_tagged(data, depth)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError):
             return OpaqueValue("malformed", str(data)[:200])
     return data
+
+
+def decode_value(data):
+    """Inverse of `encode_value`; unknown or malformed tags, values nested deeper than
+    `encode_value` writes them and arrays of other than plain scalar dtypes become an
+    `OpaqueValue`."""
+    try:
+        return _decode(data, 0)
+    except (OverflowError, RecursionError):
+        return OpaqueValue("malformed", "<nested too deeply>")
 
 
 def frame(message: dict) -> bytes:

@@ -6,7 +6,10 @@
   processes outside the sandbox (ABI >= 6). Enforced by the kernel on every path-based access,
   however the path is named (`dir_fd`, symlinks, hard links, `/proc/self/root`, raw syscalls).
 - **seccomp** (`deny_syscalls`): a BPF filter refuses sockets, exec, ptrace and cross-process
-  memory access, namespaces and mounts, BPF, perf, keyrings, io_uring and handle-based opens.
+  memory access, namespaces and mounts, BPF, perf, keyrings, io_uring, handle-based opens,
+  leaving the process group (setsid, setpgid) and metadata changes (chmod, chown, utime, xattrs),
+  which Landlock does not govern. What stays visible: `stat` of paths outside (existence, size,
+  times), never their content.
 - **Privilege drop** (`drop_privileges`): a harness running as root starts the child as root in a
   private mount namespace; the child makes the interpreter's directories reachable for an
   unprivileged uid (root's home is 0700 on many machines) and then becomes that uid, which
@@ -85,6 +88,13 @@ _DENIED_SYSCALLS = {
         "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434,
         "pidfd_getfd": 438, "mount_setattr": 442,
+        # no leaving the process group the harness kills; no metadata changes, which Landlock
+        # does not govern (timestamps, modes, owners, xattrs of writable files outside)
+        "setpgid": 109, "setsid": 112, "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93,
+        "lchown": 94, "utime": 132, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190,
+        "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "utimes": 235,
+        "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280, "fchmodat2": 452,
+        "setxattrat": 463, "removexattrat": 466,
     },
     "aarch64": {
         "umount2": 39, "mount": 40, "pivot_root": 41, "chroot": 51, "personality": 92,
@@ -96,6 +106,10 @@ _DENIED_SYSCALLS = {
         "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434,
         "pidfd_getfd": 438, "mount_setattr": 442,
+        "setpgid": 154, "setsid": 157, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7,
+        "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16, "fchmod": 52, "fchmodat": 53,
+        "fchownat": 54, "fchown": 55, "utimensat": 88, "fchmodat2": 452, "setxattrat": 463,
+        "removexattrat": 466,
     },
 }  # fmt: skip
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}

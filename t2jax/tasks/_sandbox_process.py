@@ -272,6 +272,8 @@ class Child:
         except OSError:
             remove_tree(self.workdir)
             raise
+        os.set_blocking(self.process.stdin.fileno(), False)
+        self._closing = threading.Event()
         self._drain = None
         if keep_stderr:
             self._drain = threading.Thread(target=self._read_stderr, daemon=True)
@@ -286,19 +288,33 @@ class Child:
         self.send(full_request)
 
     def _read_stderr(self):
-        stream = self.process.stderr
-        while chunk := stream.read1(1 << 16):
+        descriptor = self.process.stderr.fileno()
+        while not self._closing.is_set():
+            if not _ready(descriptor, selectors.EVENT_READ, 0.1):
+                continue
+            chunk = os.read(descriptor, 1 << 16)
+            if not chunk:
+                return
             self.stderr += chunk[: max(0, self.limits.max_stderr_bytes - len(self.stderr))]
 
     def send(self, message: dict):
-        """Writes one framed message to the child's stdin (in a thread: the child may not read)."""
-        if self._writer is not None:
-            self._writer.join()
+        """Writes one framed message to the child's stdin, in a thread (the child may not read):
+        messages go out in order; `close` ends a write the child never takes."""
+        previous = self._writer
+        descriptor = self.process.stdin.fileno()
 
         def write():
-            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-                self.process.stdin.write(frame(message))
-                self.process.stdin.flush()
+            if previous is not None:
+                previous.join()
+            view = memoryview(frame(message))
+            while view and not self._closing.is_set():
+                if _ready(descriptor, selectors.EVENT_WRITE, 0.1):
+                    try:
+                        view = view[os.write(descriptor, view) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        return
 
         self._writer = threading.Thread(target=write, daemon=True)
         self._writer.start()
@@ -309,7 +325,7 @@ class Child:
         stream = self.process.stdout
         while b"\n" not in self._pending:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not _readable(stream, remaining):
+            if remaining <= 0 or not _ready(stream.fileno(), selectors.EVENT_READ, remaining):
                 raise TimeoutError
             chunk = os.read(stream.fileno(), 1 << 16)
             if not chunk:
@@ -321,17 +337,19 @@ class Child:
         line, self._pending = self._pending.split(b"\n", 1)
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"event": "malformed"}
         return event if isinstance(event, dict) else {"event": "malformed"}
 
     def close(self) -> int:
         """Kills the process group, reaps the child, removes the working directory."""
+        self._closing.set()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         returncode = self.process.wait()
-        if self._drain is not None:
-            self._drain.join(timeout=1)
+        for thread in (self._drain, self._writer):
+            if thread is not None:
+                thread.join()
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -343,7 +361,8 @@ class Child:
         return self.stderr.decode("utf-8", "replace")
 
 
-def _readable(stream, timeout: float) -> bool:
+def _ready(descriptor: int, event: int, timeout: float) -> bool:
+    """Whether `descriptor` is readable / writable (`event`) within `timeout` seconds."""
     with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
+        selector.register(descriptor, event)
         return bool(selector.select(timeout))

@@ -357,7 +357,11 @@ class _Run:
                 return False
             else:
                 outcome = self.calls[-1]
-                reply = {"error": outcome.error} if outcome.error else {"value": answer["value"]}
+                reply = (
+                    {"error": outcome.error}
+                    if outcome.error is not None
+                    else {"value": answer.get("value")}
+                )
                 checker.send(reply)
         if not self.timed_out and self.note is None:
             self.note = "the test checker ended without a verdict: " + checker.stderr_text()[-300:]
