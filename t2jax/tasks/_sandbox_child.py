@@ -228,8 +228,8 @@ def _lock_down(request: dict) -> int:
     kernel.set_no_new_privs()
     if request["landlock_abi"]:
         kernel.restrict_filesystem(request["workdir"], request["landlock_abi"])
-    if request["seccomp"]:
-        kernel.deny_syscalls()
+    if request["seccomp"]:  # a server forks one worker per request, each filtered on its own
+        kernel.deny_syscalls(processes=request["mode"] == "server")
     for module_name, attributes in _ATTRIBUTES_REMOVED.items():
         module = __import__(module_name)  # imported first so later imports of it still work
         for attribute in attributes:
@@ -371,6 +371,8 @@ def _serve(request: dict, emit, stdin):
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 2)
+            if request["seccomp"]:
+                kernel.deny_syscalls()
             sys.addaudithook(hook)
             try:
                 answer = {"event": "result", "value": encode_value(handle(payload))}

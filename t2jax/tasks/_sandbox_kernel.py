@@ -6,10 +6,11 @@
   processes outside the sandbox (ABI >= 6). Enforced by the kernel on every path-based access,
   however the path is named (`dir_fd`, symlinks, hard links, `/proc/self/root`, raw syscalls).
 - **seccomp** (`deny_syscalls`): a BPF filter refuses sockets, exec, ptrace and cross-process
-  memory access, namespaces and mounts, BPF, perf, keyrings, io_uring, handle-based opens,
-  leaving the process group (setsid, setpgid) and metadata changes (chmod, chown, utime, xattrs),
-  which Landlock does not govern. What stays visible: `stat` of paths outside (existence, size,
-  times), never their content.
+  memory access, namespaces and mounts, BPF, perf, keyrings, io_uring, handle-based opens, new
+  processes (clone without CLONE_THREAD: threads only, so the rlimits of one process bound the
+  sandbox), leaving the process group (setsid, setpgid) and metadata changes (chmod, chown, utime,
+  xattrs), which Landlock does not govern. What stays visible: `stat` of paths outside
+  (existence, size, times), never their content.
 - **Privilege drop** (`drop_privileges`): a harness running as root starts the child as root in a
   private mount namespace; the child makes the interpreter's directories reachable for an
   unprivileged uid (root's home is 0700 on many machines) and then becomes that uid, which
@@ -114,6 +115,8 @@ _DENIED_SYSCALLS = {
 }  # fmt: skip
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _CLONE = {"x86_64": 56, "aarch64": 220}
+_FORK_SYSCALLS = {"x86_64": {"fork": 57, "vfork": 58}}  # aarch64 forks through clone only
+_CLONE_THREAD = 0x00010000
 _CLONE3 = 435  # refused with ENOSYS so that libc falls back to clone, whose flags are checked
 _CLONE_NAMESPACE_FLAGS = 0x7E020080  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
 _X32_SYSCALL_BIT = 0x40000000
@@ -222,8 +225,10 @@ def _instruction(code: int, k: int, jump_true: int = 0, jump_false: int = 0) -> 
     return struct.pack("=HBBI", code, jump_true, jump_false, k)
 
 
-def seccomp_program(machine: str) -> bytes:
-    """The BPF filter of `deny_syscalls` for `machine` ("x86_64" or "aarch64")."""
+def seccomp_program(machine: str, processes: bool = False) -> bytes:
+    """The BPF filter of `deny_syscalls` for `machine` ("x86_64" or "aarch64"); `processes`
+    allows clone without CLONE_THREAD (fork), which the filter otherwise refuses: with no new
+    processes, the rlimits of the one process bound the whole sandbox."""
     program = [
         _instruction(_BPF_LD_ABS, 4),  # seccomp_data.arch
         _instruction(_BPF_JEQ, _AUDIT_ARCH[machine], 1, 0),
@@ -235,26 +240,38 @@ def seccomp_program(machine: str) -> bytes:
             _instruction(_BPF_JGE, _X32_SYSCALL_BIT, 0, 1),
             _instruction(_BPF_RET, _RET_KILL_PROCESS),
         ]
-    for number in sorted(_DENIED_SYSCALLS[machine].values()):
+    denied = dict(_DENIED_SYSCALLS[machine])
+    if not processes:
+        denied.update(_FORK_SYSCALLS.get(machine, {}))
+    for number in sorted(denied.values()):
         program += [
             _instruction(_BPF_JEQ, number, 0, 1),
+            _instruction(_BPF_RET, _RET_ERRNO | _EPERM),
+        ]
+    clone_checks = [
+        _instruction(_BPF_LD_ABS, 16),  # low half of seccomp_data.args[0]: clone's flags
+        _instruction(_BPF_JSET, _CLONE_NAMESPACE_FLAGS, 0, 1),
+        _instruction(_BPF_RET, _RET_ERRNO | _EPERM),
+    ]
+    if not processes:
+        clone_checks += [
+            _instruction(_BPF_JSET, _CLONE_THREAD, 1, 0),
             _instruction(_BPF_RET, _RET_ERRNO | _EPERM),
         ]
     program += [
         _instruction(_BPF_JEQ, _CLONE3, 0, 1),
         _instruction(_BPF_RET, _RET_ERRNO | _ENOSYS),
-        _instruction(_BPF_JEQ, _CLONE[machine], 0, 3),
-        _instruction(_BPF_LD_ABS, 16),  # low half of seccomp_data.args[0]: clone's flags
-        _instruction(_BPF_JSET, _CLONE_NAMESPACE_FLAGS, 0, 1),
-        _instruction(_BPF_RET, _RET_ERRNO | _EPERM),
+        _instruction(_BPF_JEQ, _CLONE[machine], 0, len(clone_checks)),
+        *clone_checks,
         _instruction(_BPF_RET, _RET_ALLOW),
     ]
     return b"".join(program)
 
 
-def deny_syscalls():
-    """Installs the seccomp filter (requires no_new_privs); inherited by every child."""
-    code = seccomp_program(_machine())
+def deny_syscalls(processes: bool = False):
+    """Installs the seccomp filter (requires no_new_privs); inherited by every child. Filters
+    stack: a process that installed it with `processes=True` can add the stricter one later."""
+    code = seccomp_program(_machine(), processes)
     instructions = ctypes.create_string_buffer(code)
     program = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(instructions))
     buffer = ctypes.create_string_buffer(program)

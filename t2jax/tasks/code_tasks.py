@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import platformdirs
 
 from t2jax.tasks import evalplus_rules as rules
@@ -255,6 +256,13 @@ class _OutputChecker:
     def stop(self, index: int, outcome: CallOutcome) -> bool:
         if outcome.error is not None:
             self.failure = f"test {index} raised {outcome.error}"
+            return True
+        if isinstance(outcome.value, np.ndarray) and not isinstance(
+            self.expected[index], np.ndarray
+        ):  # an array where none is expected (an empty one "matches" any float with allclose)
+            self.failure = (
+                f"test {index}: an array where {type(self.expected[index]).__name__} is expected"
+            )
             return True
         passed, self.atol = rules.outputs_match(
             self.dataset,
