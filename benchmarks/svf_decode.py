@@ -24,10 +24,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from t2jax import svd
-from t2jax import svf as svf_lib
 from t2jax.loading import load_model
 from t2jax.sampler import Sampler
+from t2jax.svf import core as svf_lib
+from t2jax.svf import factors as svd
 
 
 def best_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -30,10 +30,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from t2jax import adapt, adapt_cli, cem, svd
-from t2jax import experts as experts_lib
-from t2jax import svf as svf_lib
+from t2jax.adaptation import cem
+from t2jax.adaptation import pipeline as adapt
+from t2jax.cli import adapt as adapt_cli
 from t2jax.loading import load_model
+from t2jax.svf import core as svf_lib
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import factors as svd
 from t2jax.tasks import get_task, render_prompt
 
 

@@ -20,9 +20,11 @@ import dataclasses
 import json
 import pathlib
 
-from t2jax import adapt, adapt_cli, reports
-from t2jax import experts as experts_lib
+from t2jax import reports
+from t2jax.adaptation import pipeline as adapt
+from t2jax.cli import adapt as adapt_cli
 from t2jax.loading import load_model
+from t2jax.svf import experts as experts_lib
 from t2jax.tasks import get_task
 from t2jax.tasks.data import read_jsonl
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import pathlib
 
-from t2jax import cli
+from t2jax.cli import app as cli
 
 # (task, split) of each column, in the README's order.
 COLUMNS = (

@@ -15,7 +15,8 @@ import json
 from absl import app
 from ml_collections import config_flags
 
-from t2jax import parallel, rl_config
+from t2jax import parallel
+from t2jax.rl import config as rl_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="experiments/configs/*.py:ARG")
 
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     parallel.maybe_initialize_distributed()
-    from t2jax.reinforce import train
+    from t2jax.rl.trainer import train
 
     summary = train(rl_config.from_config_dict(_CONFIG.value))
     if parallel.is_main_process():

@@ -71,7 +71,7 @@ def load_model(
     checkpoint = load_checkpoint(name_or_path, progress=progress)
     dtype = dtype or default_dtype()
     if mesh_config.shape is None:
-        from t2jax import plan  # plan compiles the programs that use this module
+        from t2jax.plan import search as plan  # plan compiles the programs that use this module
 
         devices = jax.devices()
         shape = plan.default_mesh_shape(

@@ -29,8 +29,8 @@ import numpy as np
 import tqdm
 
 from t2jax import ops
-from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig, RopeScaling
+from t2jax.svf import core as svf_lib
 
 Array = jax.Array
 LayerDict = dict[str, Array]

@@ -23,7 +23,7 @@ import numpy as np
 from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.config import ModelConfig, SamplerConfig
-from t2jax.svf import ModelSVF, pad_expert_rows, take_expert_rows
+from t2jax.svf.core import ModelSVF, pad_expert_rows, take_expert_rows
 
 Array = jax.Array
 

@@ -10,8 +10,8 @@ import safetensors.numpy
 import tiny
 
 from t2jax import model as model_lib
-from t2jax import svd
 from t2jax.config import ModelConfig
+from t2jax.svf import factors as svd
 
 # Kernel ranks differ by target (q/o 32, k/v 16, MLP 32), so mixed-up targets show as shape errors.
 CONFIG = ModelConfig(

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import tiny
 
-from t2jax import adapt, cli, reports, svd
-from t2jax import experts as experts_lib
 from t2jax import model as model_lib
-from t2jax import svf as svf_lib
+from t2jax import reports
+from t2jax.adaptation import pipeline as adapt
+from t2jax.cli import app as cli
 from t2jax.loading import load_model
+from t2jax.svf import core as svf_lib
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import factors as svd
 from t2jax.tasks import Example, Score, Task, get_task, parse_category
 from t2jax.tasks.base import TEMPLATE_PLAIN
 

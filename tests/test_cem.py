@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2jax import cem as cem_lib
+from t2jax.adaptation import cem as cem_lib
 
 TARGET = jnp.asarray([0.2, 0.9, 0.55, 0.05])
 

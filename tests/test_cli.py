@@ -5,7 +5,7 @@ import json
 import pytest
 import tiny
 
-from t2jax import cli
+from t2jax.cli import app as cli
 
 pytest.importorskip("torch")
 

@@ -10,9 +10,10 @@ import pytest
 import safetensors.numpy
 import svf_tiny
 
-from t2jax import experts as experts_lib
-from t2jax import svd, svf_cli
-from t2jax import svf as svf_lib
+from t2jax.cli import svf as svf_cli
+from t2jax.svf import core as svf_lib
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import factors as svd
 
 CONFIG = svf_tiny.CONFIG
 MLP = svd.TARGET_SETS["mlp"]

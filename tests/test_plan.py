@@ -5,9 +5,10 @@ import importlib.util
 import jax
 import pytest
 
-from t2jax import parallel, plan
+from t2jax import parallel
 from t2jax.config import MeshConfig
-from t2jax.rl_config import RLConfig
+from t2jax.plan import search as plan
+from t2jax.rl.config import RLConfig
 
 LLAMA_8B = plan.model_config("Llama-3-8B-Instruct")
 

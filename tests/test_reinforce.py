@@ -13,10 +13,12 @@ import svf_tiny
 import tiny
 
 from t2jax import model as model_lib
-from t2jax import parallel, reinforce, svd
-from t2jax import svf as svf_lib
+from t2jax import parallel
 from t2jax.config import MeshConfig
-from t2jax.rl_config import RLConfig, SVFSection
+from t2jax.rl import trainer as reinforce
+from t2jax.rl.config import RLConfig, SVFSection
+from t2jax.svf import core as svf_lib
+from t2jax.svf import factors as svd
 from t2jax.tasks import Score
 
 CONFIG = svf_tiny.CONFIG

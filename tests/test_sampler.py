@@ -9,7 +9,7 @@ import pytest
 import tiny
 
 from t2jax import model as model_lib
-from t2jax import parallel, svd
+from t2jax import parallel
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
 from t2jax.sampler import (
@@ -19,6 +19,7 @@ from t2jax.sampler import (
     empty_cache,
     new_tokens_bucket,
 )
+from t2jax.svf import factors as svd
 
 pytest.importorskip("torch")
 

@@ -7,8 +7,9 @@ import pytest
 import svf_tiny
 
 from t2jax import model as model_lib
-from t2jax import parallel, svd
+from t2jax import parallel
 from t2jax.config import MeshConfig, ModelConfig
+from t2jax.svf import factors as svd
 
 ALL_TARGETS = svd.TARGET_SETS["all"]
 

@@ -11,9 +11,9 @@ import svf_tiny
 import tiny
 
 from t2jax import model as model_lib
-from t2jax import svd
-from t2jax import svf as svf_lib
 from t2jax.sampler import Sampler
+from t2jax.svf import core as svf_lib
+from t2jax.svf import factors as svd
 
 CONFIG = svf_tiny.CONFIG
 TARGETS = svd.resolve_targets("qv,mlp")

@@ -10,8 +10,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from t2jax import cli, rl_config, sweeps, train_cli
+from t2jax.cli import app as cli
+from t2jax.cli import train as train_cli
 from t2jax.config import ConfigError
+from t2jax.rl import config as rl_config
+from t2jax.rl import sweeps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "experiments" / "configs" / "svf.py"

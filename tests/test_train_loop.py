@@ -19,8 +19,11 @@ import safetensors.numpy
 import svf_tiny
 import tiny
 
-from t2jax import cli, experts, reinforce, rl_config
+from t2jax.cli import app as cli
 from t2jax.config import ConfigError
+from t2jax.rl import config as rl_config
+from t2jax.rl import trainer as reinforce
+from t2jax.svf import experts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_SPEC = f"{REPO}/experiments/configs/svf.py:task=synthetic_letter"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pathlib
 
-from t2jax import rl_config
+from t2jax.rl import config as rl_config
 
 PRESETS = {
     "official": {},

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from t2jax.evaluate import evaluate, markdown_table, read_records, standard_error, subsample
+from t2jax.evaluation import evaluate, markdown_table, read_records, standard_error, subsample
 from t2jax.tasks import get_task
 
 

@@ -244,7 +244,7 @@ def test_strict_refuses_and_auto_warns_without_landlock(no_landlock, monkeypatch
 
 
 def test_cli_sandbox_switch_sets_the_process_default(monkeypatch):
-    from t2jax.cli import build_parser
+    from t2jax.cli.app import build_parser
 
     monkeypatch.delenv("T2JAX_SANDBOX", raising=False)
     assert build_parser().parse_args(["--sandbox", "strict", "params", "--model", "m"]).sandbox

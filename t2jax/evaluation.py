@@ -1,7 +1,7 @@
 """Batched evaluation of a generator on a task: per-sample JSONL, a summary JSON and a markdown
 table (issue 4, "Evaluation command"; scoring as in spec §3.5).
 
-    from t2jax.evaluate import evaluate
+    from t2jax.evaluation import evaluate
     summary = evaluate(task, task.load("test"), generate_fn, "runs/gsm8k", batch_size=32,
                        tokenizer=tokenizer, config={"model": "smollm2-135m-instruct"})
 

@@ -16,7 +16,8 @@ import json
 import types
 import typing
 
-from t2jax import parallel, rl_config
+from t2jax import parallel
+from t2jax.rl import config as rl_config
 
 _OVERRIDE_PREFIX = "config_override:"
 
@@ -78,7 +79,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     parallel.maybe_initialize_distributed(force=args.distributed)
-    from t2jax.reinforce import train
+    from t2jax.rl.trainer import train
 
     config = rl_config.resolve_config(args.config, overrides_from_args(args))
     summary = train(config)
@@ -88,7 +89,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from t2jax.sweeps import run_sweep
+    from t2jax.rl.sweeps import run_sweep
 
     records = run_sweep(args.file, args.root, dry_run=args.dry_run)
     for record in records:

@@ -37,15 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from t2jax import cem as cem_lib
-from t2jax import experts as experts_lib
-from t2jax import logprobs, reports, svd
+from t2jax import logprobs, reports
 from t2jax import model as model_lib
-from t2jax import svf as svf_lib
+from t2jax.adaptation import cem as cem_lib
 from t2jax.config import ModelConfig
-from t2jax.evaluate import standard_error
+from t2jax.evaluation import standard_error
 from t2jax.loading import LoadedModel
 from t2jax.sampler import Generation, Sampler, bucket_length, left_pad
+from t2jax.svf import core as svf_lib
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import factors as svd
 from t2jax.tasks import (
     CATEGORIES,
     OFFICIAL_STOP_STRINGS,

@@ -55,20 +55,21 @@ import numpy as np
 import optax
 import tqdm
 
-from t2jax import checkpoint as checkpoint_lib
-from t2jax import experts as experts_lib
 from t2jax import logprobs as logprobs_lib
 from t2jax import metrics as metrics_lib
 from t2jax import model as model_lib
-from t2jax import parallel, svd
-from t2jax import svf as svf_lib
+from t2jax import parallel
 from t2jax.config import ConfigError, ModelConfig
-from t2jax.evaluate import SAMPLES_FILE, evaluate, read_records, standard_error, subsample
+from t2jax.evaluation import SAMPLES_FILE, evaluate, read_records, standard_error, subsample
 from t2jax.loading import LoadedModel, load_model
-from t2jax.rl_config import RLConfig, SVFSection, TaskSection, TrainConfig, to_dict
+from t2jax.rl import checkpoint as checkpoint_lib
+from t2jax.rl.config import RLConfig, SVFSection, TaskSection, TrainConfig, to_dict
 from t2jax.sampler import Generation
+from t2jax.svf import core as svf_lib
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import factors as svd
 from t2jax.tasks import Example, Score, Task, render_prompt
-from t2jax.tasks_synthetic import load_task
+from t2jax.tasks.synthetic import load_task
 
 Array = jax.Array
 logger = logging.getLogger(__name__)
@@ -544,7 +545,7 @@ def load_setup(config: TrainConfig) -> Setup:
         mesh=loaded.mesh,
         progress=config.run.progress,
     )
-    from t2jax import plan  # plan compiles this module's gradient step
+    from t2jax.plan import search as plan  # plan compiles this module's gradient step
 
     max_new_tokens = config.task.max_new_tokens or task.max_new_tokens
     sequence = padded_length(PROMPT_LENGTH_ESTIMATE + max_new_tokens, config.rl.logprob_chunk)

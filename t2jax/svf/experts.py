@@ -31,9 +31,9 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 import t2jax
-from t2jax import svd
-from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig
+from t2jax.svf import core as svf_lib
+from t2jax.svf import factors as svd
 
 EXPERT_FORMAT = "t2jax.svf_expert"
 EXPERT_VERSION = "1"

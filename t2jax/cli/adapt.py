@@ -24,7 +24,7 @@ import pathlib
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `adapt` to the main parser's subparsers."""
-    from t2jax.cli import add_model_arguments
+    from t2jax.cli.app import add_model_arguments
     from t2jax.tasks import TASK_NAMES
     from t2jax.tasks.cls import DISPATCH_METHODS
 
@@ -97,7 +97,7 @@ def add_few_shot_arguments(group) -> None:
 def few_shot_config(args: argparse.Namespace):  # -> adapt.FewShotConfig (imported lazily)
     """The `adapt.FewShotConfig` of the options `add_few_shot_arguments` added (and
     --rows-per-call)."""
-    from t2jax import adapt
+    from t2jax.adaptation import pipeline as adapt
 
     return adapt.FewShotConfig(
         shots=args.shots,
@@ -141,9 +141,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _run_adapt(args: argparse.Namespace) -> int:
-    from t2jax import adapt
-    from t2jax import experts as experts_lib
-    from t2jax.cli import load_model_from_args
+    from t2jax.adaptation import pipeline as adapt
+    from t2jax.cli.app import load_model_from_args
+    from t2jax.svf import experts as experts_lib
     from t2jax.tasks import CATEGORIES, get_task
 
     _check_arguments(args)
@@ -178,8 +178,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
 
 def _answer_prompts(model, args: argparse.Namespace, task, items, options):
     """The --prompt texts (chat template) as requests; few-shot adapts on the task's shots."""
-    from t2jax import adapt
-    from t2jax.cli import render_chat
+    from t2jax.adaptation import pipeline as adapt
+    from t2jax.cli.app import render_chat
     from t2jax.tasks import Example, render_prompt
 
     tokenizer = model.sampler.tokenizer
@@ -203,7 +203,7 @@ def _answer_prompts(model, args: argparse.Namespace, task, items, options):
 
 
 def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported lazily)
-    from t2jax import adapt
+    from t2jax.adaptation import pipeline as adapt
     from t2jax.tasks import OFFICIAL_STOP_STRINGS
 
     default_tokens = task.max_new_tokens if task is not None else 512
@@ -238,7 +238,8 @@ def write_run(out: pathlib.Path, records: list[dict], summary: dict) -> None:
 
 def _plot(out: pathlib.Path, run, task_name: str | None) -> None:
     """confusion.png for dispatch on a task of known category, alpha.png for few-shot."""
-    from t2jax import adapt, reports
+    from t2jax import reports
+    from t2jax.adaptation import pipeline as adapt
 
     if run.dispatch is not None and task_name in adapt.CATEGORY_OF_TASK:
         counts = adapt.dispatch_confusion({task_name: run.dispatch.categories})

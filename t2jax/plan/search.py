@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from t2jax import model as model_lib
-from t2jax import parallel, reinforce, sampler, svd
-from t2jax import svf as svf_lib
+from t2jax import parallel, sampler
 from t2jax.config import ConfigError, MeshConfig, ModelConfig
-from t2jax.rl_config import RLConfig
+from t2jax.rl import trainer as reinforce
+from t2jax.rl.config import RLConfig
+from t2jax.svf import core as svf_lib
+from t2jax.svf import factors as svd
 
 GIB = 1024**3
 

@@ -36,8 +36,8 @@ import tqdm
 
 from t2jax import model as model_lib
 from t2jax import parallel
-from t2jax import svf as svf_lib
 from t2jax.config import ModelConfig
+from t2jax.svf import core as svf_lib
 
 Array = jax.Array
 KernelSource = Callable[[int, str], Any]  # (layer, module key) -> kernel [in, out]

@@ -24,7 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from t2jax.config import ConfigError, MeshConfig
-from t2jax.svf import OFFICIAL_PARAMETRIZATION, Parametrization
+from t2jax.svf.core import OFFICIAL_PARAMETRIZATION, Parametrization
 
 OPTIMIZERS = ("adam", "adamw_cosine")
 KL_DIRECTIONS = ("ref_policy", "policy_ref")

@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 
-from t2jax import experts as experts_lib
-from t2jax import svd
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import ModelConfig
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import factors as svd
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -19,7 +19,9 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from t2jax import adapt_cli, svf_cli, train_cli
+from t2jax.cli import adapt as adapt_cli
+from t2jax.cli import svf as svf_cli
+from t2jax.cli import train as train_cli
 from t2jax.config import MeshConfig
 from t2jax.tasks.sandbox import ISOLATION_ENV, ISOLATION_MODES
 
@@ -145,7 +147,7 @@ def _add_eval(subparsers) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from t2jax.evaluate import evaluate, subsample
+    from t2jax.evaluation import evaluate, subsample
     from t2jax.tasks import get_task
 
     task = get_task(args.task)
@@ -232,7 +234,7 @@ def _add_plan(subparsers) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from t2jax import plan
+    from t2jax.plan import search as plan
 
     workload = plan.Workload(
         batch=args.batch,

@@ -28,7 +28,7 @@ from typing import Any
 
 from t2jax import parallel
 from t2jax.config import ConfigError
-from t2jax.rl_config import TrainConfig, load_python_file, resolve_config
+from t2jax.rl.config import TrainConfig, load_python_file, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def run_sweep(
     write_manifest(root, config_spec, runs)
     if not dry_run:
         if train_fn is None:
-            from t2jax.reinforce import train as train_fn
+            from t2jax.rl.trainer import train as train_fn
         for run in runs:
             if run_status(run) == "finished":
                 continue

@@ -1,0 +1,1 @@
+"""Inference-time self-adaptation: dispatch, few-shot CEM, the two-pass pipeline."""

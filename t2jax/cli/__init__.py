@@ -1,0 +1,1 @@
+"""The `t2jax` command line: one module per command group."""

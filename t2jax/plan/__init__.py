@@ -1,0 +1,1 @@
+"""Ahead-of-time planning for TPUs and GPUs (`t2jax plan`)."""

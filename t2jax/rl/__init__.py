@@ -1,0 +1,1 @@
+"""Training adapters with REINFORCE: config, setup, rollouts, loss, trainer, checkpoints, sweeps."""

@@ -1,0 +1,1 @@
+"""SVF: targets, SVD factors and their cache, composition of W'(z), expert files."""
