@@ -24,6 +24,7 @@ import numpy as np
 from t2jax.checkpoints.registry import REGISTRY
 from t2jax.config import SamplerConfig
 from t2jax.loading import load_model
+from t2jax.sampler import Sampler
 from t2jax.tasks import get_task, render_prompt
 
 
@@ -55,7 +56,7 @@ def main() -> None:
 
     results = {}
     for label, compact in (("all rows to the end", False), ("finished rows leave", True)):
-        sampler = loaded.sampler(SamplerConfig(compact_rows=compact))
+        sampler = Sampler.for_model(loaded, sampler_config=SamplerConfig(compact_rows=compact))
         results[label] = timed_generation(sampler, prompts, args.max_new_tokens, task.stop_strings)
         print(f"{label}: {results[label][1]:.1f} s", flush=True)
 

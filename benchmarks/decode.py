@@ -27,6 +27,7 @@ from t2jax import ops
 from t2jax.checkpoints.registry import REGISTRY
 from t2jax.config import ModelConfig
 from t2jax.loading import load_model
+from t2jax.sampler import Sampler
 
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. "
@@ -153,7 +154,7 @@ def main() -> None:
     rows = {size: {} for size in batch_sizes}
     for label, dtype in (("t2jax bf16", jnp.bfloat16), ("t2jax fp32", jnp.float32)):
         loaded = load_model(args.model, dtype=dtype)
-        sampler = loaded.sampler()
+        sampler = Sampler.for_model(loaded)
         for size in batch_sizes:
             prompts = chat_prompts(loaded.tokenizer, size)
             rows[size][label] = time_t2jax(sampler, prompts, args.new_tokens)

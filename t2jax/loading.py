@@ -13,8 +13,7 @@ import numpy as np
 from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.checkpoints import Checkpoint, load_checkpoint
-from t2jax.config import MeshConfig, ModelConfig, SamplerConfig
-from t2jax.sampler import Sampler
+from t2jax.config import MeshConfig, ModelConfig
 
 
 @dataclasses.dataclass
@@ -27,18 +26,6 @@ class LoadedModel:
     eos_ids: tuple[int, ...]
     mesh: jax.sharding.Mesh
     checkpoint: Checkpoint
-
-    def sampler(self, sampler_config: SamplerConfig = SamplerConfig()) -> Sampler:
-        """A sampler over this model with batches sharded on the mesh's data axes."""
-        return Sampler(
-            self.config,
-            self.weights,
-            self.tokenizer,
-            self.eos_ids,
-            sampler_config,
-            batch_sharding=parallel.batch_sharding(self.mesh),
-            batch_multiple=parallel.data_parallel_size(self.mesh),
-        )
 
 
 def default_dtype() -> Any:

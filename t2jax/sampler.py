@@ -23,6 +23,8 @@ import numpy as np
 from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.config import ModelConfig, SamplerConfig
+from t2jax.loading import LoadedModel
+from t2jax.padding import bucket_length, left_pad, new_tokens_bucket
 from t2jax.svf.core import ModelSVF, pad_expert_rows, take_expert_rows
 
 Array = jax.Array
@@ -71,33 +73,6 @@ class Generation:
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.token_ids]
-
-
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= length; beyond the largest, the next multiple of the largest."""
-    for bucket in sorted(buckets):
-        if length <= bucket:
-            return bucket
-    largest = max(buckets)
-    return -(-length // largest) * largest
-
-
-def new_tokens_bucket(max_new_tokens: int) -> int:
-    """Output-buffer length for `max_new_tokens`: a power of two, at least 64."""
-    return max(64, 1 << (max(max_new_tokens, 1) - 1).bit_length())
-
-
-def left_pad(
-    token_lists: Sequence[Sequence[int]], length: int, rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token lists into [rows, length] ids and a bool mask (extra rows are all pad)."""
-    ids = np.zeros((rows, length), np.int32)
-    mask = np.zeros((rows, length), bool)
-    for row, tokens in enumerate(token_lists):
-        if tokens:
-            ids[row, length - len(tokens) :] = tokens
-            mask[row, length - len(tokens) :] = True
-    return ids, mask
 
 
 def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
@@ -335,6 +310,25 @@ class Sampler:
         self.sampler_config = sampler_config
         self.batch_sharding = batch_sharding
         self.batch_multiple = batch_multiple
+
+    @classmethod
+    def for_model(
+        cls,
+        loaded: LoadedModel,
+        weights: model_lib.Weights | None = None,
+        sampler_config: SamplerConfig = SamplerConfig(),
+    ) -> Sampler:
+        """A sampler over a loaded model (or over other `weights` with its tokenizer, end ids and
+        mesh), with batches sharded on the mesh's data axes."""
+        return cls(
+            loaded.config,
+            loaded.weights if weights is None else weights,
+            loaded.tokenizer,
+            loaded.eos_ids,
+            sampler_config,
+            batch_sharding=parallel.batch_sharding(loaded.mesh),
+            batch_multiple=parallel.data_parallel_size(loaded.mesh),
+        )
 
     def encode(self, prompts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of already-rendered prompt strings (chat templates add their own BOS)."""

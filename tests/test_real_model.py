@@ -13,7 +13,7 @@ import pytest
 from t2jax import model as model_lib
 from t2jax.checkpoints import load_checkpoint
 from t2jax.checkpoints.registry import fetch_model
-from t2jax.sampler import left_pad
+from t2jax.padding import left_pad
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

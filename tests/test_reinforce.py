@@ -13,7 +13,7 @@ import svf_tiny
 import tiny
 
 from t2jax import model as model_lib
-from t2jax import parallel
+from t2jax import padding, parallel
 from t2jax.config import MeshConfig
 from t2jax.rl import trainer as reinforce
 from t2jax.rl.config import RLConfig, SVFSection
@@ -268,7 +268,7 @@ def test_batch_layout_masks_only_completion_tokens():
     np.testing.assert_array_equal(batch.completion_mask[1], [0, 0, 0, 0, 0, 0, 0, 1])
     np.testing.assert_array_equal(batch.row_mask, [True, True, False, False])
     np.testing.assert_array_equal(batch.advantages, [1.0, -1.0, 0.0, 0.0])
-    lengths = [reinforce.padded_length(n, 4) for n in (1, 4, 5, 9, 12, 13, 17, 25, 33, 49)]
+    lengths = [padding.chunked_length(n, 4) for n in (1, 4, 5, 9, 12, 13, 17, 25, 33, 49)]
     assert lengths == [4, 4, 8, 12, 12, 16, 24, 32, 48, 64]
     assert reinforce.microbatch_layout(10, 3, 2) == (12, 3)  # microbatches of 4 rows
     assert reinforce.microbatch_layout(10, None, 8) == (16, 1)

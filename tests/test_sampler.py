@@ -12,13 +12,8 @@ from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
-from t2jax.sampler import (
-    Sampler,
-    bucket_length,
-    compacted_rows,
-    empty_cache,
-    new_tokens_bucket,
-)
+from t2jax.padding import bucket_length, new_tokens_bucket
+from t2jax.sampler import Sampler, compacted_rows, empty_cache
 from t2jax.svf import factors as svd
 
 pytest.importorskip("torch")

@@ -43,7 +43,8 @@ from t2jax.adaptation import cem as cem_lib
 from t2jax.config import ModelConfig
 from t2jax.evaluation import standard_error
 from t2jax.loading import LoadedModel
-from t2jax.sampler import Generation, Sampler, bucket_length, left_pad
+from t2jax.padding import bucket_length, left_pad
+from t2jax.sampler import Generation, Sampler
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib
 from t2jax.svf import factors as svd
@@ -169,7 +170,7 @@ def build_expert_model(
     return ExpertModel(
         config=loaded.config,
         weights=loaded.weights,
-        sampler=loaded.sampler(),
+        sampler=Sampler.for_model(loaded),
         factors=factors,
         experts=dict(experts),
         classifier=classifier,

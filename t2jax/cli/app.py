@@ -91,13 +91,15 @@ def render_chat(tokenizer, user: str, system: str | None = None) -> str:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from t2jax.sampler import Sampler
+
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be at least 1")
     loaded = load_model_from_args(args)
     prompts = args.prompt
     if args.chat:
         prompts = [render_chat(loaded.tokenizer, prompt, args.system) for prompt in prompts]
-    generation = loaded.sampler().generate(
+    generation = Sampler.for_model(loaded).generate(
         prompts,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -148,6 +150,7 @@ def _add_eval(subparsers) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from t2jax.evaluation import evaluate, subsample
+    from t2jax.sampler import Sampler
     from t2jax.tasks import get_task
 
     task = get_task(args.task)
@@ -157,7 +160,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.sample is not None:
         examples = subsample(examples, args.sample, args.seed)
     loaded = load_model_from_args(args)
-    sampler = loaded.sampler()
+    sampler = Sampler.for_model(loaded)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
 
     def generate(prompts: list[str]) -> list[str]:

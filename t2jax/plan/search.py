@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from t2jax import model as model_lib
-from t2jax import parallel, sampler
+from t2jax import padding, parallel, sampler
 from t2jax.config import ConfigError, MeshConfig, ModelConfig
 from t2jax.rl import trainer as reinforce
 from t2jax.rl.config import RLConfig
@@ -470,7 +470,7 @@ class Programs:
         self._state = None
 
     def _cache(self) -> model_lib.KVCache:
-        length = self.workload.prompt_length + sampler.new_tokens_bucket(
+        length = self.workload.prompt_length + padding.new_tokens_bucket(
             self.workload.max_new_tokens
         )
         shapes = jax.eval_shape(

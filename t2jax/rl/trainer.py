@@ -62,9 +62,10 @@ from t2jax import parallel
 from t2jax.config import ConfigError, ModelConfig
 from t2jax.evaluation import SAMPLES_FILE, evaluate, read_records, standard_error, subsample
 from t2jax.loading import LoadedModel, load_model
+from t2jax.padding import chunked_length, left_pad
 from t2jax.rl import checkpoint as checkpoint_lib
 from t2jax.rl.config import RLConfig, SVFSection, TaskSection, TrainConfig, to_dict
-from t2jax.sampler import Generation
+from t2jax.sampler import Generation, Sampler
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib
 from t2jax.svf import factors as svd
@@ -399,14 +400,6 @@ def sequence_tokens(
     return prompt_ids + ids, len(prompt_ids)
 
 
-def padded_length(length: int, chunk: int) -> int:
-    """Sequence length of a batch: the smallest chunk * m >= length with m in 1, 2, 3, 4, 6, 8,
-    12, 16, ... (steps of at most 1.5x: few distinct shapes to compile, at most 50% padding)."""
-    chunks = max(1, math.ceil(length / chunk))
-    power = 1 << (chunks - 1).bit_length()  # the next power of two >= chunks
-    return chunk * (power * 3 // 4 if chunks <= power * 3 // 4 else power)
-
-
 def assemble_batch(
     sequences: Sequence[tuple[list[int], int]],
     advantages: np.ndarray,
@@ -416,15 +409,11 @@ def assemble_batch(
 ) -> PolicyBatch:
     """Left-pads (ids, prompt length) pairs into a host `PolicyBatch` of `rows` rows (extra rows
     are padding with zero advantage)."""
-    length = padded_length(max(len(ids) for ids, _ in sequences), chunk)
-    tokens = np.zeros((rows, length), np.int32)
-    token_mask = np.zeros((rows, length), bool)
+    length = chunked_length(max(len(ids) for ids, _ in sequences), chunk)
+    tokens, token_mask = left_pad([ids for ids, _ in sequences], length, rows)  # [rows, T] each
     completion_mask = np.zeros((rows, length), bool)
     for row, (ids, prompt_length) in enumerate(sequences):
-        start = length - len(ids)
-        tokens[row, start:] = ids
-        token_mask[row, start:] = True
-        completion_mask[row, start + prompt_length :] = True
+        completion_mask[row, length - len(ids) + prompt_length :] = True
     padded_advantages = np.zeros(rows, np.float32)
     padded_advantages[: len(sequences)] = advantages
     row_mask = np.arange(rows) < len(sequences)
@@ -481,7 +470,7 @@ class Setup:
     def sampler(self, z: svf_lib.ZVectors):
         """A sampler over the weights with W'(z) merged in."""
         merged = svd.merge_into_weights(self.loaded.weights, self.factors, z)
-        return dataclasses.replace(self.loaded, weights=merged).sampler()
+        return Sampler.for_model(self.loaded, merged)
 
     def initial_params(self) -> svf_lib.SVFParams:
         """The official initialization (spec section 1.2), replicated over the mesh."""
@@ -548,7 +537,7 @@ def load_setup(config: TrainConfig) -> Setup:
     from t2jax.plan import search as plan  # plan compiles this module's gradient step
 
     max_new_tokens = config.task.max_new_tokens or task.max_new_tokens
-    sequence = padded_length(PROMPT_LENGTH_ESTIMATE + max_new_tokens, config.rl.logprob_chunk)
+    sequence = chunked_length(PROMPT_LENGTH_ESTIMATE + max_new_tokens, config.rl.logprob_chunk)
     rl = plan.resolve_rl(config.rl, loaded.config, loaded.mesh, sequence, targets)
     config = dataclasses.replace(config, rl=rl)
     return Setup(
