@@ -15,7 +15,7 @@ import json
 from absl import app
 from ml_collections import config_flags
 
-from t2jax import parallel
+from t2jax import configuration, parallel
 from t2jax.rl import config as rl_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="experiments/configs/*.py:ARG")
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     parallel.maybe_initialize_distributed()
     from t2jax.rl.trainer import train
 
-    summary = train(rl_config.from_config_dict(_CONFIG.value))
+    summary = train(configuration.from_config_dict(rl_config.TrainConfig, _CONFIG.value))
     if parallel.is_main_process():
         print(json.dumps(summary, indent=2))
 

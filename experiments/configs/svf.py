@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 
+from t2jax import configuration
 from t2jax.rl import config as rl_config
 
 PRESETS = {
@@ -30,14 +31,14 @@ PRESETS = {
         "task.max_new_tokens": 128,
         "task.eval_train_limit": 64,
         "task.valid_sample": 200,
-        "task.eval_batch_size": 32,
+        "task.rows_per_call": 32,
     },
 }
 KEYS = ("model", "task", "preset")
 
 
 def get_config(arg: str = ""):
-    """The `ConfigDict` of a `t2jax.rl_config.TrainConfig` for "model=...,task=...,preset=..."."""
+    """The `ConfigDict` of a `t2jax.rl.config.TrainConfig` for "model=...,task=...,preset=..."."""
     options = dict(part.split("=", 1) for part in arg.split(",") if part)
     unknown = sorted(set(options) - set(KEYS))
     if unknown:
@@ -49,5 +50,5 @@ def get_config(arg: str = ""):
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     workdir = f"runs/svf/{task}-{pathlib.Path(model).name.removesuffix('.gguf')}-{preset}"
     overrides = {"model.name": model, "task.name": task, "run.workdir": workdir, **PRESETS[preset]}
-    config = rl_config.with_overrides(rl_config.TrainConfig(), overrides)
-    return rl_config.to_config_dict(config)
+    config = configuration.with_overrides(rl_config.TrainConfig(), overrides)
+    return configuration.to_config_dict(config)

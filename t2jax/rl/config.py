@@ -1,6 +1,5 @@
-"""Typed, frozen configuration of an SVF expert training run (REINFORCE, spec section 2), and its
-conversions: plain dicts (JSON), `ml_collections.ConfigDict` (config files, absl overrides) and
-dotted command-line overrides ("rl.lr=1e-3").
+"""Typed, frozen configuration of an SVF expert training run (REINFORCE, spec section 2); files,
+dicts and dotted overrides ("rl.lr=1e-3") are converted by `t2jax.configuration`.
 
 `TrainConfig` nests one section per concern. Defaults are the official recipe (spec section 2.4):
 Adam lr 2e-3 constant, global-norm clip 1e-3, 256 prompts per step drawn without replacement with
@@ -12,34 +11,17 @@ default. Every section validates itself, so a bad config fails before any model 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
-import pathlib
-import types
-import typing
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
-import ml_collections
-from ml_collections import config_dict
-
-from t2jax.config import ConfigError, MeshConfig
+from t2jax.config import MeshConfig
+from t2jax.configuration import check_choices, require
 from t2jax.svf.core import OFFICIAL_PARAMETRIZATION, Parametrization
 
-OPTIMIZERS = ("adam", "adamw_cosine")
-KL_DIRECTIONS = ("ref_policy", "policy_ref")
-ADVANTAGES = ("none", "normalize", "leave_one_out")
-COMPLETION_TOKENS = ("retokenize", "sampled")
-SVF_MODES = ("merged", "factored")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _one_of(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    _require(value in choices, f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+Optimizer = Literal["adam", "adamw_cosine"]
+KLDirection = Literal["ref_policy", "policy_ref"]
+Advantage = Literal["none", "normalize", "leave_one_out"]
+CompletionTokens = Literal["retokenize", "sampled"]
+SVFMode = Literal["merged", "factored"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +36,13 @@ class ModelSection:
     """
 
     name: str = "smollm2-135m-instruct"
-    dtype: str | None = None
+    dtype: Literal["float32", "bfloat16"] | None = None
     stacked: bool | None = None
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        _require(bool(self.name), "model.name must name a model")
-        if self.dtype is not None:
-            _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        require(bool(self.name), "model.name must name a model")
+        check_choices(self, "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +51,7 @@ class TaskSection:
 
     Attributes:
         name: a `t2jax.tasks` name (gsm8k, arc_easy, ...) or a synthetic task of
-            `t2jax.tasks_synthetic`.
+            `t2jax.tasks.synthetic`.
         data_dir: benchmark data directory (None: `$T2JAX_DATA`).
         train_split: split the rollouts are drawn from.
         valid_split: split that selects the best expert.
@@ -78,13 +59,13 @@ class TaskSection:
         eval_train_limit: evaluate on the first N training items (None: all; 0: skip).
         valid_limit: evaluate on the first N validation items (None: all).
         valid_sample: evaluate on a seeded random subset of N validation items instead (seed 0,
-            `t2jax.evaluate.subsample`): first-N subsets can be skewed (ARC's first items).
+            `t2jax.evaluation.subsample`): first-N subsets can be skewed (ARC's first items).
         test_split: an untouched split evaluated for the base model and the best expert after
             training (None: skip).
         test_limit: first N items of the test split (None: all).
         official_quirks: render prompts byte for byte as the official code (`render_prompt`).
         max_new_tokens: generation budget (None: the task's official one).
-        eval_batch_size: prompts per sampler call during evaluation.
+        rows_per_call: prompts per sampler call during evaluation.
     """
 
     name: str = "gsm8k"
@@ -99,19 +80,19 @@ class TaskSection:
     test_limit: int | None = None
     official_quirks: bool = False
     max_new_tokens: int | None = None
-    eval_batch_size: int = 64
+    rows_per_call: int = 64
 
     def __post_init__(self):
-        _require(bool(self.name), "task.name must name a task")
+        require(bool(self.name), "task.name must name a task")
         for field in ("train_limit", "valid_limit", "valid_sample", "test_limit", "max_new_tokens"):
             value = getattr(self, field)
-            _require(value is None or value > 0, f"task.{field} must be positive, got {value}")
-        _require(
+            require(value is None or value > 0, f"task.{field} must be positive, got {value}")
+        require(
             self.eval_train_limit is None or self.eval_train_limit >= 0,
             f"task.eval_train_limit must be >= 0, got {self.eval_train_limit}",
         )
-        _require(self.eval_batch_size > 0, "task.eval_batch_size must be positive")
-        _require(
+        require(self.rows_per_call > 0, "task.rows_per_call must be positive")
+        require(
             self.valid_limit is None or self.valid_sample is None,
             "task.valid_limit and task.valid_sample exclude each other",
         )
@@ -122,7 +103,7 @@ class SVFSection:
     """What is adapted and how (spec sections 1.2-1.4).
 
     Attributes:
-        targets: target set or module keys (see `t2jax.svd.resolve_targets`); official: "mlp".
+        targets: target set or module keys (`t2jax.svf.targets.resolve_targets`); official "mlp".
         parametrization: z = sigmoid(p) * max_mult (official) or plain z.
         init_std: noise of the initial parameters (official 0.01).
         mode: how the teacher-forced pass applies W'(z): "merged" (compose W' per layer) or
@@ -133,12 +114,12 @@ class SVFSection:
     targets: str = "mlp"
     parametrization: Parametrization = OFFICIAL_PARAMETRIZATION
     init_std: float = 0.01
-    mode: str = "merged"
+    mode: SVFMode = "merged"
     cache_dir: str | None = None
 
     def __post_init__(self):
-        _one_of("svf.mode", self.mode, SVF_MODES)
-        _require(self.init_std >= 0, f"svf.init_std must be >= 0, got {self.init_std}")
+        check_choices(self, "svf")
+        require(self.init_std >= 0, f"svf.init_std must be >= 0, got {self.init_std}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +152,7 @@ class RLConfig:
         length_normalize: divide each sequence's log-likelihood by its token count.
         incorrect_reward: reward of a wrong answer (official -1; the paper's VLM run uses -0.1).
         require_extracted_answer: reward only correct completions in which the scorer found an
-            answer (no credit for ARC's fallback guess; see `t2jax.reinforce.rewards_of`).
+            answer (no credit for ARC's fallback guess; see `t2jax.tasks.reward_of`).
         completion_tokens: "retokenize" (official: tokenize prompt + output text and take the ids
             after the prompt's) or "sampled" (the sampler's own ids, cut at the stop string).
         logprob_chunk: sequence positions per chunk of the log-softmax (the [B, T, V] logits
@@ -180,12 +161,12 @@ class RLConfig:
             peak memory of the gradient step drops from all layers' activations to one
             layer's, for about one extra forward pass. None: off on CPU, on on TPU/GPU (where
             the paper's models need it to fit, see `t2jax.plan`).
-        rollout_batch_size: prompts per sampler call (None: the whole batch).
+        rows_per_call: rollouts per sampler call (None: the whole batch).
     """
 
     lr: float = 2e-3
     max_grad_norm: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     weight_decay: float = 0.01
     batch_size: int = 256
     microbatch_size: int | None = None
@@ -193,42 +174,39 @@ class RLConfig:
     eval_every: int = 10
     seed: int = 42
     kl_coeff: float = 0.0
-    kl_direction: str = "ref_policy"
+    kl_direction: KLDirection = "ref_policy"
     samples_per_prompt: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
-    advantage: str = "none"
+    advantage: Advantage = "none"
     length_normalize: bool = False
     incorrect_reward: float = -1.0
     require_extracted_answer: bool = False
-    completion_tokens: str = "retokenize"
+    completion_tokens: CompletionTokens = "retokenize"
     logprob_chunk: int = 128
     remat: bool | None = None
-    rollout_batch_size: int | None = None
+    rows_per_call: int | None = None
 
     def __post_init__(self):
-        _require(self.lr > 0, f"rl.lr must be positive, got {self.lr}")
-        _require(
+        require(self.lr > 0, f"rl.lr must be positive, got {self.lr}")
+        require(
             self.max_grad_norm > 0, f"rl.max_grad_norm must be positive, got {self.max_grad_norm}"
         )
-        _one_of("rl.optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("rl.kl_direction", self.kl_direction, KL_DIRECTIONS)
-        _one_of("rl.advantage", self.advantage, ADVANTAGES)
-        _one_of("rl.completion_tokens", self.completion_tokens, COMPLETION_TOKENS)
+        check_choices(self, "rl")
         for field in ("batch_size", "num_iters", "eval_every", "samples_per_prompt"):
-            _require(getattr(self, field) > 0, f"rl.{field} must be positive")
-        for field in ("microbatch_size", "rollout_batch_size"):
+            require(getattr(self, field) > 0, f"rl.{field} must be positive")
+        for field in ("microbatch_size", "rows_per_call"):
             value = getattr(self, field)
-            _require(value is None or value > 0, f"rl.{field} must be positive, got {value}")
-        _require(self.logprob_chunk > 0, "rl.logprob_chunk must be positive")
-        _require(self.kl_coeff >= 0, f"rl.kl_coeff must be >= 0, got {self.kl_coeff}")
-        _require(self.temperature >= 0, f"rl.temperature must be >= 0, got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"rl.top_p must be in (0, 1], got {self.top_p}")
-        _require(
+            require(value is None or value > 0, f"rl.{field} must be positive, got {value}")
+        require(self.logprob_chunk > 0, "rl.logprob_chunk must be positive")
+        require(self.kl_coeff >= 0, f"rl.kl_coeff must be >= 0, got {self.kl_coeff}")
+        require(self.temperature >= 0, f"rl.temperature must be >= 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"rl.top_p must be in (0, 1], got {self.top_p}")
+        require(
             self.advantage != "leave_one_out" or self.samples_per_prompt > 1,
             "rl.advantage='leave_one_out' needs rl.samples_per_prompt > 1",
         )
-        _require(
+        require(
             self.samples_per_prompt == 1 or self.temperature > 0,
             "rl.samples_per_prompt > 1 needs rl.temperature > 0 (greedy rollouts are identical)",
         )
@@ -258,9 +236,9 @@ class RunSection:
     tensorboard: bool = True
 
     def __post_init__(self):
-        _require(bool(self.workdir), "run.workdir must be set")
-        _require(self.checkpoint_every > 0, "run.checkpoint_every must be positive")
-        _require(self.keep_checkpoints > 0, "run.keep_checkpoints must be positive")
+        require(bool(self.workdir), "run.workdir must be set")
+        require(self.checkpoint_every > 0, "run.checkpoint_every must be positive")
+        require(self.keep_checkpoints > 0, "run.keep_checkpoints must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,208 +250,3 @@ class TrainConfig:
     svf: SVFSection = SVFSection()
     rl: RLConfig = RLConfig()
     run: RunSection = RunSection()
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversions.
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready nested dict of a config dataclass (tuples become lists)."""
-    return _jsonable(dataclasses.asdict(config))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
-
-
-def from_dict(cls: type, values: Mapping[str, Any], path: str = "") -> Any:
-    """Builds config dataclass `cls` from a nested mapping; missing keys keep their defaults.
-
-    Raises:
-        ConfigError: an unknown key, or a value of the wrong type.
-    """
-    hints = _field_types(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(path + key for key in unknown)}; "
-            f"{path or 'the config'} has {', '.join(sorted(hints))}"
-        )
-    kwargs = {}
-    for key, value in values.items():
-        kwargs[key] = _coerce(value, hints[key], path + key)
-    return cls(**kwargs)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    """`value` converted to `annotation` (dataclass, Optional, tuple, float, int, bool, str)."""
-    if dataclasses.is_dataclass(annotation):
-        if dataclasses.is_dataclass(value):
-            value = dataclasses.asdict(value)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path} must be a mapping, got {value!r}")
-        return from_dict(annotation, value, path + ".")
-    options = _optional_inner(annotation)
-    if options is not None:
-        return None if value is None else _coerce(value, options, path)
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path} must be a sequence, got {value!r}")
-        (item_type, _) = typing.get_args(annotation)
-        return tuple(_coerce(item, item_type, path) for item in value)
-    if origin is Literal:
-        return value
-    return _coerce_scalar(value, annotation, path)
-
-
-def _coerce_scalar(value: Any, annotation: Any, path: str) -> Any:
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if annotation is bool and isinstance(value, bool):
-        return value
-    if annotation in (int, str) and isinstance(value, annotation) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"{path} must be {annotation.__name__}, got {value!r}")
-
-
-def _optional_inner(annotation: Any) -> Any:
-    """X for `X | None`, else None."""
-    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
-        return None
-    inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    return inner[0] if len(inner) == 1 else None
-
-
-def leaf_types(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
-    """Dotted path -> type annotation of every leaf field ("rl.lr" -> float)."""
-    leaves = {}
-    for name, annotation in _field_types(cls).items():
-        if dataclasses.is_dataclass(annotation):
-            leaves.update(leaf_types(annotation, f"{prefix}{name}."))
-        else:
-            leaves[prefix + name] = annotation
-    return leaves
-
-
-def parse_value(text: str, annotation: Any, path: str = "value") -> Any:
-    """Parses a command-line string into `annotation`: "none"/"null" for optional fields,
-    "true"/"false" for booleans, "1,2" or "(1, 2)" for tuples.
-
-    Raises:
-        ConfigError: the text does not parse as that type.
-    """
-    inner = _optional_inner(annotation)
-    if inner is not None:
-        return None if text.strip().lower() in ("none", "null") else parse_value(text, inner, path)
-    if typing.get_origin(annotation) is tuple:
-        (item_type, _) = typing.get_args(annotation)
-        items = [item.strip() for item in text.strip().strip("()[]").split(",") if item.strip()]
-        return tuple(parse_value(item, item_type, path) for item in items)
-    if annotation is bool:
-        lowered = text.strip().lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"{path} must be true or false, got {text!r}")
-        return lowered in ("true", "1", "yes")
-    try:
-        return annotation(text) if annotation in (int, float) else text
-    except ValueError:
-        raise ConfigError(f"{path} must be {annotation.__name__}, got {text!r}") from None
-
-
-def with_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
-    """`config` with dotted-path overrides ({"rl.lr": 1e-3} or {"rl.lr": "1e-3"}) applied; string
-    values are parsed by the field's type.
-
-    Raises:
-        ConfigError: an unknown path or a bad value.
-    """
-    leaves = leaf_types()
-    values = to_dict(config)
-    for path, value in overrides.items():
-        if path not in leaves:
-            raise ConfigError(f"unknown config key {path!r}; known keys: {', '.join(leaves)}")
-        if isinstance(value, str) and leaves[path] is not str:
-            value = parse_value(value, leaves[path], path)
-        *parents, leaf = path.split(".")
-        node = values
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return from_dict(TrainConfig, values)
-
-
-def to_config_dict(config: TrainConfig) -> ml_collections.ConfigDict:
-    """A `ConfigDict` of `config` for config files and `ml_collections.config_flags`: optional
-    fields left at None become typed placeholders, so `--config.task.valid_limit=100` works."""
-    return ml_collections.ConfigDict(_config_dict_values(config))
-
-
-def _config_dict_values(config: Any) -> dict[str, Any]:
-    values = {}
-    for name, annotation in _field_types(type(config)).items():
-        value = getattr(config, name)
-        inner = _optional_inner(annotation)
-        if dataclasses.is_dataclass(value):
-            values[name] = _config_dict_values(value)
-        elif value is None and inner is not None:
-            values[name] = config_dict.placeholder(typing.get_origin(inner) or inner)
-        else:
-            values[name] = value
-    return values
-
-
-def from_config_dict(values: ml_collections.ConfigDict | Mapping[str, Any]) -> TrainConfig:
-    """The `TrainConfig` of a `ConfigDict` (or plain nested mapping), validated."""
-    if isinstance(values, ml_collections.ConfigDict):
-        values = values.to_dict()
-    return from_dict(TrainConfig, values)
-
-
-# ----------------------------------------------------------------------------------------------
-# Config files ("path.py" or "path.py:arg", as `ml_collections.config_flags` reads them).
-
-
-def load_python_file(path: str | pathlib.Path, kind: str) -> types.ModuleType:
-    """Executes a Python file (a config or sweep file) as a fresh module.
-
-    Raises:
-        ConfigError: the file does not exist ("`kind` file ... does not exist").
-    """
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{kind} file {str(path)!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"t2jax_{kind}_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Runs `get_config(arg)` of a Python config file named "path.py[:arg]".
-
-    Raises:
-        ConfigError: the file is missing or has no `get_config`.
-    """
-    path, _, arg = spec.partition(":")
-    module = load_python_file(path, "config")
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} defines no get_config(arg)")
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def resolve_config(spec: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The validated `TrainConfig` of a config file spec plus dotted overrides (see
-    `with_overrides`)."""
-    return with_overrides(from_config_dict(load_config_file(spec)), overrides or {})
