@@ -1,4 +1,6 @@
-"""Per-token log-probabilities and KL divergences from hidden states, chunked over the sequence.
+"""Teacher-forced per-token log-probabilities (and KL divergences to a reference), chunked over the
+sequence: the one scorer of training (policy gradient) and adaptation (CEM tie-break, likelihood
+dispatch).
 
 The policy-gradient pass (spec section 2.2) needs log pi(y_t | ...) of the generated tokens only,
 and the optional KL penalty (spec section 2.3) a sum over the vocabulary at every generated
@@ -15,10 +17,14 @@ Both KL directions are computed per position and summed over the vocabulary:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from t2jax import model as model_lib
+from t2jax.config import ModelConfig
+from t2jax.svf import core as svf_lib
 
 Array = jax.Array
 
@@ -98,3 +104,48 @@ def token_log_probs(
     inputs = (_chunked(hidden, chunk), _chunked(targets, chunk), reference_hidden)
     _, (picked, kl) = jax.lax.scan(step, None, inputs)  # [T/C, B, C] each
     return _unchunked(picked), None if kl is None else _unchunked(kl)  # [B, T] each
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk", "remat", "kl_direction"))
+def teacher_forced_log_probs(
+    config: ModelConfig,
+    weights: model_lib.Weights,
+    svf: svf_lib.ModelSVF | None,
+    tokens: Array,
+    token_mask: Array,
+    chunk: int,
+    *,
+    remat: bool = False,
+    reference_svf: svf_lib.ModelSVF | None = None,
+    kl_direction: str = "ref_policy",
+) -> tuple[Array, Array | None]:
+    """Log-probability of every next token of a left-padded batch under (weights, svf): position
+    t scores token t + 1 (the last position scores a pad id: mask it out).
+
+    Args:
+        config: the architecture.
+        weights: the decoder's weights.
+        svf: the adaptation (merged, or factored with one z per row), or None for the weights alone.
+        tokens: [N, T] token ids, left-padded.
+        token_mask: [N, T] bool, True for real tokens.
+        chunk: positions per logits chunk C (T must be a multiple of C).
+        remat: recompute each decoder layer in the backward pass (see `model.forward`).
+        reference_svf: with it, also the KL to the model adapted by it (e.g. z = 1: the base
+            model); its forward pass takes no gradient.
+        kl_direction: see `kl_from_log_probs`.
+
+    Returns:
+        ([N, T] fp32 log-probabilities of the next tokens, [N, T] fp32 KL summed over the
+        vocabulary or None without `reference_svf`).
+    """
+    positions = model_lib.positions_from_mask(token_mask)  # [N, T]
+    hidden, _ = model_lib.forward(
+        config, weights, tokens, positions, token_mask, svf=svf, remat=remat
+    )  # [N, T, D]
+    reference = None
+    if reference_svf is not None:
+        reference, _ = model_lib.forward(
+            config, weights, tokens, positions, token_mask, svf=reference_svf
+        )  # [N, T, D]
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [N, T]: the token each one predicts
+    return token_log_probs(weights, hidden, next_tokens, chunk, reference, kl_direction)
