@@ -1,12 +1,15 @@
-"""Chunked log-probabilities and KL divergences against plain (full-softmax) and numpy versions."""
+"""Chunked log-probabilities and KL divergences against plain (full-softmax) and numpy versions, and
+the teacher-forced scorer against a forward pass followed by the chunked log-probabilities."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import svf_tiny
 
 from t2jax import logprobs
 from t2jax import model as model_lib
+from t2jax.svf import factors as svf_factors
 
 BATCH, LENGTH, WIDTH, VOCAB = 3, 12, 8, 11
 
@@ -110,3 +113,57 @@ def test_bad_chunk_and_direction_are_errors():
         logprobs.token_log_probs(weights, hidden, targets, 5)
     with pytest.raises(ValueError, match="unknown KL direction"):
         logprobs.token_log_probs(weights, hidden, targets, 4, reference, "both")
+
+
+def _adapted_pass():
+    """(config, weights, factors, z, tokens, mask): a random model with SVF factors of its MLP,
+    scales z and a left-padded batch."""
+    tensors, weights, fingerprint = svf_tiny.model(seed=2)
+    factors = svf_tiny.factors(tensors, fingerprint)
+    rng = np.random.default_rng(3)
+    z = {
+        key: jnp.asarray(1.0 + 0.3 * rng.standard_normal((factors.num_layers, rank)), jnp.float32)
+        for key, rank in factors.ranks().items()
+    }
+    tokens = jnp.asarray(rng.integers(0, svf_tiny.CONFIG.vocab_size, (3, 8)), jnp.int32)
+    mask = jnp.asarray(np.arange(8)[None, :] >= np.array([[0], [2], [5]]))  # [3, 8] left-padded
+    return svf_tiny.CONFIG, weights, factors, z, tokens, mask
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_teacher_forced_log_probs_equal_forward_then_token_log_probs(remat):
+    config, weights, factors, z, tokens, mask = _adapted_pass()
+    ones = {key: jnp.ones_like(v) for key, v in z.items()}
+    scored = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))  # [3, 8]: positions whose next token is real
+
+    def two_step(z):
+        svf = svf_factors.svf_from_factors(factors, z, "merged")
+        reference_svf = svf_factors.svf_from_factors(factors, ones, "merged")
+        positions = model_lib.positions_from_mask(mask)
+        hidden, _ = model_lib.forward(
+            config, weights, tokens, positions, mask, svf=svf, remat=remat
+        )
+        reference, _ = model_lib.forward(
+            config, weights, tokens, positions, mask, svf=reference_svf
+        )
+        targets = jnp.roll(tokens, -1, axis=1)
+        picked, kl = logprobs.token_log_probs(weights, hidden, targets, 4, reference)
+        return jnp.sum(jnp.where(scored, picked - kl, 0.0)), (picked, kl)
+
+    def one_call(z):
+        svf = svf_factors.svf_from_factors(factors, z, "merged")
+        reference_svf = svf_factors.svf_from_factors(factors, ones, "merged")
+        picked, kl = logprobs.teacher_forced_log_probs(
+            config, weights, svf, tokens, mask, 4, remat=remat, reference_svf=reference_svf
+        )
+        return jnp.sum(jnp.where(scored, picked - kl, 0.0)), (picked, kl)
+
+    (want, (want_picked, want_kl)), want_grad = jax.jit(jax.value_and_grad(two_step, has_aux=True))(
+        z
+    )
+    (got, (got_picked, got_kl)), got_grad = jax.jit(jax.value_and_grad(one_call, has_aux=True))(z)
+
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_picked[:, :-1], want_picked[:, :-1])  # last: a pad target
+    np.testing.assert_array_equal(got_kl, want_kl)
+    jax.tree.map(np.testing.assert_array_equal, got_grad, want_grad)
