@@ -1,8 +1,8 @@
 """Base-model accuracy of registry models on the paper's benchmarks (issue 4's README table).
 
-Each cell is one `t2jax eval` run (official prompts, budgets and scorers, greedy), written to
-OUT/MODEL/TASK-SPLIT/ and resumed from there if interrupted; the combined table goes to
-OUT/table.md and OUT/table.json.
+Each cell is one `t2jax.evaluation.evaluate_model` run, as `t2jax eval` makes it (official
+prompts, budgets and scorers, greedy), written to OUT/MODEL/TASK/ and resumed from there if
+interrupted; the combined table goes to OUT/table.md and OUT/table.json.
 
     nice -n 19 python experiments/base_accuracy.py \\
         --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct \\
@@ -18,7 +18,13 @@ import argparse
 import json
 import pathlib
 
-from t2jax.cli import app as cli
+import jax.numpy as jnp
+
+from t2jax.config import MeshConfig
+from t2jax.evaluation import evaluate_model, subsample
+from t2jax.loading import load_model
+from t2jax.sampler import Sampler
+from t2jax.tasks import get_task
 
 # (task, split) of each column, in the README's order.
 COLUMNS = (
@@ -37,6 +43,7 @@ COLUMN_NAMES = {
     "humaneval": "HumanEval",
     "math": "MATH-500",
 }
+SEED = 0  # of the --sample subsets, as `t2jax eval --sample`
 
 
 def parse_sizes(text: str) -> dict[str, int]:
@@ -50,20 +57,30 @@ def parse_sizes(text: str) -> dict[str, int]:
     return sizes
 
 
-def eval_command(model: str, task: str, split: str, size: int | None, args) -> list[str]:
-    """The `t2jax eval` arguments of one cell."""
-    command = ["eval", "--model", model, "--task", task, "--split", split]
-    command += ["--batch-size", str(args.batch_size), "--out", str(cell_dir(args, model, task))]
+def evaluate_cell(sampler: Sampler, model: str, task_name: str, split: str, size, args) -> dict:
+    """Evaluates one cell (resuming its records) with `t2jax eval`'s defaults; its summary."""
+    task = get_task(task_name)
+    examples = task.load(split, data_dir=args.data_dir)
     if size is not None:
-        command += ["--sample", str(size)]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
-    if args.dtype:
-        command += ["--dtype", args.dtype]
-    return command
+        examples = subsample(examples, size, SEED)
+    config = {
+        "model": model,
+        "split": split,
+        "limit": None,
+        "sample": size,
+        "seed": SEED,
+        "max_new_tokens": task.max_new_tokens,
+        "official_quirks": False,
+    }
+    out = cell_dir(args, model, task_name)
+    summary = evaluate_model(sampler, task, examples, out, args.batch_size, config=config)
+    print(json.dumps({key: summary[key] for key in ("task", "n", "accuracy", "standard_error")}))
+    print(f"records: {out}")
+    return summary
 
 
 def cell_dir(args, model: str, task: str) -> pathlib.Path:
+    """OUT/MODEL/TASK: the records and summary of one cell."""
     return pathlib.Path(args.out) / pathlib.Path(model).name.removesuffix(".gguf") / task
 
 
@@ -98,17 +115,17 @@ def main() -> None:
     tasks = set(args.tasks.split(","))
 
     summaries: dict[str, dict[str, dict]] = {}
+    dtype = None if args.dtype is None else jnp.dtype(args.dtype)
     for model in args.models.split(","):
         summaries[model] = {}
+        sampler = Sampler.for_model(load_model(model, dtype=dtype, mesh_config=MeshConfig()))
         for task, split in COLUMNS:
             if task not in tasks:
                 continue
-            command = eval_command(model, task, split, sizes.get(task), args)
-            print("t2jax " + " ".join(command), flush=True)
-            if cli.main(command) != 0:
-                raise SystemExit(f"t2jax eval failed for {model} / {task}")
-            summary_path = cell_dir(args, model, task) / "summary.json"
-            summaries[model][task] = json.loads(summary_path.read_text())
+            print(f"== {model}: {task} {split}", flush=True)
+            summaries[model][task] = evaluate_cell(
+                sampler, model, task, split, sizes.get(task), args
+            )
             out = pathlib.Path(args.out)
             (out / "table.md").write_text(table(summaries))
             (out / "table.json").write_text(json.dumps(summaries, indent=2) + "\n")

@@ -233,7 +233,7 @@ class SamplerConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh shape. `-1` in one axis takes all remaining devices. None (the default): chosen
-    for the model and devices when it is loaded (`t2jax.plan.default_mesh_shape`: all
+    for the model and devices when it is loaded (`t2jax.plan.rules.default_mesh_shape`: all
     data-parallel on CPU or when the weights fit a chip, else FSDP-sharded)."""
 
     shape: tuple[int, ...] | None = None

@@ -198,3 +198,57 @@ def evaluate(
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / TABLE_FILE).write_text(markdown_table(summary))
     return summary
+
+
+def evaluate_model(
+    sampler: Any,
+    task: Task,
+    examples: Sequence[Example],
+    out_dir: str | os.PathLike,
+    rows_per_call: int = 16,
+    max_new_tokens: int | None = None,
+    *,
+    official_quirks: bool = False,
+    config: Mapping[str, Any] | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Greedy evaluation of a model on a task's examples (`t2jax eval`): `evaluate` with the
+    completions of `sampler` (prompts rendered with its tokenizer).
+
+    Args:
+        sampler: a `t2jax.sampler.Sampler` of the model (e.g. `Sampler.for_model(loaded)`, or
+            with an expert's weights).
+        task: the task that renders, stops and scores.
+        examples: the items to evaluate (ids must be unique).
+        out_dir: directory of the records and summary (see `evaluate`).
+        rows_per_call: prompts per sampler call.
+        max_new_tokens: the decode budget; None takes the task's official one.
+        official_quirks: render prompts exactly as the official code (see `render_prompt`).
+        config: run settings stored in the summary.
+        resume: keep records already in `out_dir` and skip their ids.
+        show_progress: show a tqdm bar with the running accuracy.
+
+    Returns:
+        The summary `evaluate` returns.
+    """
+    budget = max_new_tokens or task.max_new_tokens
+
+    def generate(prompts: list[str]) -> list[str]:
+        generation = sampler.generate(
+            prompts, max_new_tokens=budget, stop_strings=task.stop_strings
+        )
+        return generation.texts
+
+    return evaluate(
+        task,
+        examples,
+        generate,
+        out_dir,
+        rows_per_call,
+        tokenizer=sampler.tokenizer,
+        official_quirks=official_quirks,
+        config=config,
+        resume=resume,
+        show_progress=show_progress,
+    )

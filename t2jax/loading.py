@@ -14,6 +14,8 @@ from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.checkpoints import Checkpoint, load_checkpoint
 from t2jax.config import MeshConfig, ModelConfig
+from t2jax.plan import hardware as plan_hardware
+from t2jax.plan import rules as plan_rules
 
 
 @dataclasses.dataclass
@@ -51,18 +53,16 @@ def load_model(
         stacked: layer layout (see `t2jax.model`); defaults to the faster one on the mesh's
             devices.
         mesh_config: the device mesh; weights are FSDP/tensor-sharded on it. Without a shape,
-            `t2jax.plan.default_mesh_shape` picks one for the model and the devices' memory.
+            `t2jax.plan.rules.default_mesh_shape` picks one for the model and the devices' memory.
         skip: per-layer kernel keys to leave out (e.g. SVF targets once factored).
         progress: show progress while loading.
     """
     checkpoint = load_checkpoint(name_or_path, progress=progress)
     dtype = dtype or default_dtype()
     if mesh_config.shape is None:
-        from t2jax.plan import search as plan  # plan compiles the programs that use this module
-
         devices = jax.devices()
-        shape = plan.default_mesh_shape(
-            checkpoint.config, len(devices), plan.device_hbm_gib(devices[0]), dtype
+        shape = plan_rules.default_mesh_shape(
+            checkpoint.config, len(devices), plan_hardware.device_hbm_gib(devices[0]), dtype
         )
         mesh_config = dataclasses.replace(mesh_config, shape=shape)
     mesh = parallel.make_mesh(mesh_config)

@@ -24,6 +24,7 @@ from t2jax.svf import experts as experts_lib
 from t2jax.svf import factors as svd
 from t2jax.tasks import Example, Score, Task, get_task, parse_category
 from t2jax.tasks.base import TEMPLATE_PLAIN
+from t2jax.tasks.prompts import render_chat
 
 pytest.importorskip("torch")
 
@@ -74,7 +75,7 @@ class ChecksumTask(Task):
 def shot_prompts(model, shots):
     tokenizer = model.sampler.tokenizer
     return [
-        cli.render_chat(tokenizer, shot.question, ChecksumTask.system_message) for shot in shots
+        render_chat(tokenizer, shot.question, ChecksumTask.system_message) for shot in shots
     ]
 
 

@@ -24,7 +24,7 @@ import pathlib
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `adapt` to the main parser's subparsers."""
-    from t2jax.cli.app import add_model_arguments
+    from t2jax.cli.options import add_model_arguments
     from t2jax.tasks import TASK_NAMES
     from t2jax.tasks.cls import DISPATCH_METHODS
 
@@ -142,7 +142,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from t2jax.adaptation import pipeline as adapt
-    from t2jax.cli.app import load_model_from_args
+    from t2jax.cli.options import load_model_from_args
     from t2jax.svf import experts as experts_lib
     from t2jax.tasks import CATEGORIES, get_task
 
@@ -179,8 +179,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
 def _answer_prompts(model, args: argparse.Namespace, task, items, options):
     """The --prompt texts (chat template) as requests; few-shot adapts on the task's shots."""
     from t2jax.adaptation import pipeline as adapt
-    from t2jax.cli.app import render_chat
     from t2jax.tasks import Example, render_prompt
+    from t2jax.tasks.prompts import render_chat
 
     tokenizer = model.sampler.tokenizer
     examples = [Example(f"prompt/{i}", text, None) for i, text in enumerate(args.prompt)]

@@ -23,8 +23,10 @@ import numpy as np
 
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import ModelConfig
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import experts as experts_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +45,8 @@ def _add_targets(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
         default="mlp",
-        help=f"one of {sorted(svd.TARGET_SETS)} or comma-separated module keys (default: mlp)",
+        help=f"one of {sorted(svf_targets.TARGET_SETS)} or comma-separated module keys "
+        "(default: mlp)",
     )
 
 
@@ -60,7 +63,7 @@ def _register_decompose(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--cache-dir",
         default=None,
-        help=f"factors go to CACHE_DIR/<fingerprint> (default {svd.default_cache_root()})",
+        help=f"factors go to CACHE_DIR/<fingerprint> (default {svf_cache.default_cache_root()})",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_decompose)
@@ -68,13 +71,13 @@ def _register_decompose(subparsers: argparse._SubParsersAction) -> None:
 
 def _decompose(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.model, progress=not args.no_progress)
-    targets = svd.resolve_targets(args.targets)
-    model_fingerprint = svd.fingerprint(checkpoint.config, checkpoint.tensors)
-    root = pathlib.Path(args.cache_dir) if args.cache_dir else svd.default_cache_root()
+    targets = svf_targets.resolve_targets(args.targets)
+    model_fingerprint = svf_cache.fingerprint(checkpoint.config, checkpoint.tensors)
+    root = pathlib.Path(args.cache_dir) if args.cache_dir else svf_cache.default_cache_root()
     start = time.perf_counter()
-    directory = svd.decompose_to_cache(
+    directory = svf_cache.decompose_to_cache(
         checkpoint.config,
-        svd.kernels_from_tensors(checkpoint.tensors),
+        svf_factors.kernels_from_tensors(checkpoint.tensors),
         targets,
         root / model_fingerprint,
         fingerprint=model_fingerprint,
@@ -101,11 +104,11 @@ def _register_params(subparsers: argparse._SubParsersAction) -> None:
 
 def _params(args: argparse.Namespace) -> int:
     config = _model_config(args.model)
-    targets = svd.resolve_targets(args.targets)
-    shapes = svd.svf_param_shapes(config, targets)
+    targets = svf_targets.resolve_targets(args.targets)
+    shapes = svf_targets.svf_param_shapes(config, targets)
     print(f"targets: {', '.join(f'{key} [{L} x {R}]' for key, (L, R) in shapes.items())}")
-    print(f"SVF trainable parameters: {svd.svf_param_count(config, targets):,}")
-    lora = svd.lora_param_count(config, targets, args.lora_rank)
+    print(f"SVF trainable parameters: {svf_targets.svf_param_count(config, targets):,}")
+    lora = svf_targets.lora_param_count(config, targets, args.lora_rank)
     print(f"LoRA rank {args.lora_rank} on the same matrices: {lora:,}")
     return 0
 
@@ -197,7 +200,7 @@ def _register_expert_transfer(commands: argparse._SubParsersAction) -> None:
 def _expert_transfer(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.model, progress=False)
     expert = experts_lib.load_expert(args.expert)
-    model_fingerprint = svd.fingerprint(checkpoint.config, checkpoint.tensors)
+    model_fingerprint = svf_cache.fingerprint(checkpoint.config, checkpoint.tensors)
     moved = experts_lib.transfer(
         expert, checkpoint.config, model_fingerprint, shuffle=args.shuffle, seed=args.seed
     )
@@ -222,9 +225,12 @@ def _register_expert_import(commands: argparse._SubParsersAction) -> None:
 def _expert_import(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.model, progress=False)
     expert = experts_lib.import_official(
-        args.file, checkpoint.config, svd.resolve_targets(args.targets), max_mult=args.max_mult
+        args.file,
+        checkpoint.config,
+        svf_targets.resolve_targets(args.targets),
+        max_mult=args.max_mult,
     )
-    model_fingerprint = svd.fingerprint(checkpoint.config, checkpoint.tensors)
+    model_fingerprint = svf_cache.fingerprint(checkpoint.config, checkpoint.tensors)
     experts_lib.save_expert(dataclasses.replace(expert, fingerprint=model_fingerprint), args.out)
     print(f"imported {args.file} for {checkpoint.source} into {args.out}")
     return 0

@@ -4,7 +4,7 @@
         --config.rl.lr=1e-3 --config.run.workdir=runs/arc
     t2jax sweep experiments/sweeps/paper_kl.py --root runs/sweeps/kl [--dry-run]
 
-Every leaf of `t2jax.rl_config.TrainConfig` is an option `--config.SECTION.FIELD` (listed by
+Every leaf of `t2jax.rl.config.TrainConfig` is an option `--config.SECTION.FIELD` (listed by
 `t2jax train --help`), parsed by the field's type; the same overrides work with absl through
 `experiments/train_svf.py`. `register` adds both commands to the main parser.
 """
@@ -16,7 +16,7 @@ import json
 import types
 import typing
 
-from t2jax import parallel
+from t2jax import configuration, parallel
 from t2jax.rl import config as rl_config
 
 _OVERRIDE_PREFIX = "config_override:"
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="config file and its argument, e.g. experiments/configs/svf.py:task=gsm8k",
     )
-    for path, annotation in rl_config.leaf_types().items():
+    for path, annotation in configuration.leaf_types(rl_config.TrainConfig).items():
         train.add_argument(
             f"--config.{path}",
             dest=_OVERRIDE_PREFIX + path,
@@ -81,7 +81,9 @@ def _run_train(args: argparse.Namespace) -> int:
     parallel.maybe_initialize_distributed(force=args.distributed)
     from t2jax.rl.trainer import train
 
-    config = rl_config.resolve_config(args.config, overrides_from_args(args))
+    config = configuration.resolve_config(
+        rl_config.TrainConfig, args.config, overrides_from_args(args)
+    )
     summary = train(config)
     if parallel.is_main_process():
         print(json.dumps(summary, indent=2))

@@ -136,7 +136,7 @@ class RLConfig:
         batch_size: prompts per update (official 256; capped at the training-set size).
         microbatch_size: rows per `lax.scan` step of the gradient, rounded up to a multiple of
             the data-parallel size. None: the whole batch at once on CPU; on TPU/GPU the
-            largest that fits the chips' memory (`t2jax.plan.default_rl_memory`).
+            largest that fits the chips' memory (`t2jax.plan.rules.default_rl_memory`).
         num_iters: number of updates.
         eval_every: evaluate after update i when i % eval_every == 0 (i from 0; official 10).
         seed: seed of the batch order (`np.random.RandomState(seed).choice` per step, as in the

@@ -157,3 +157,12 @@ def render_prompt(
         return _official_text(task, messages, tokenizer) + prefill
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return rendered + prefill
+
+
+def render_chat(tokenizer: Any, user: str, system: str | None = None) -> str:
+    """A free user message (and optional system message) rendered with the model's chat
+    template, ready for generation (no task: `t2jax generate --chat`, `t2jax adapt --prompt`)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
