@@ -26,8 +26,10 @@ import jax.numpy as jnp
 
 from t2jax.loading import load_model
 from t2jax.sampler import Sampler
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 
 
 def best_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -46,7 +48,7 @@ def best_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[st
 
 def random_experts(config, targets, count: int) -> list[svf_lib.ZVectors]:
     """`count` distinct experts (z far from uniform, so each one really changes the model)."""
-    shapes = svd.svf_param_shapes(config, targets)
+    shapes = svf_targets.svf_param_shapes(config, targets)
     return [
         svf_lib.z_of(
             svf_lib.init_params(jax.random.key(seed), shapes, std=0.5),
@@ -67,17 +69,16 @@ def main() -> None:
 
     loaded = load_model(args.model, progress=False)
     config, weights = loaded.config, loaded.weights
-    targets = svd.resolve_targets(args.targets)
+    targets = svf_targets.resolve_targets(args.targets)
     stacked = not isinstance(weights.layers, tuple)
 
     start = time.perf_counter()
-    factors = svd.decompose(
+    factors = svf_factors.decompose(
         config,
-        svd.kernels_from_weights(weights),
+        svf_factors.kernels_from_weights(weights),
         targets,
-        fingerprint=svd.fingerprint(config, svd.weights_as_tensors(config, weights)),
-        stacked=stacked,
-        dtype=weights.embed.dtype,
+        fingerprint=svf_cache.fingerprint(config, svf_cache.weights_as_tensors(config, weights)),
+        placement=svf_factors.Placement.for_weights(weights),
         progress=False,
     )
     jax.block_until_ready(factors)
@@ -96,9 +97,9 @@ def main() -> None:
     def generate(weights, batch_prompts, svf=None):
         return sampler(weights).generate(batch_prompts, max_new_tokens=args.new_tokens, svf=svf)
 
-    merge = jax.jit(svd.merge_into_weights)
+    merge = jax.jit(svf_factors.merge_into_weights)
     merged = merge(weights, factors, experts[0])
-    per_row = svd.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
+    per_row = svf_factors.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
 
     def official(expert_index: int) -> None:
         z = experts[expert_index]

@@ -6,7 +6,7 @@ CEM from alpha = 1/K, per-matrix) on `--shots` shots of a task:
   * sequential: the official shape, for each candidate: merge its W' (recompose), then generate
     its shots (one sampler call per candidate, the base model's decode cost).
 (`--rows-per-call` splits the batched call, e.g. to bound memory.) Both are
-`adapt.score_population` (batched, or `per_candidate=True`; generation + scoring, tie-break off
+`few_shot.score_population` (batched, or `per_candidate=True`; generation + scoring, tie-break off
 so both do the same work) in the same process; each is run once after a compile run of the same
 shapes with one new token. The completions of both are compared. Each is also timed with one new
 token: that is the prefill (plus, sequentially, the merges), which both approaches pay per row
@@ -30,13 +30,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from t2jax.adaptation import cem
-from t2jax.adaptation import pipeline as adapt
-from t2jax.cli import adapt as adapt_cli
+from t2jax.adaptation import cem, few_shot
+from t2jax.adaptation.expert_model import build_expert_model, parse_expert_paths
 from t2jax.loading import load_model
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import targets as svf_targets
 from t2jax.tasks import get_task, render_prompt
 
 
@@ -49,8 +49,8 @@ def seconds(run: Callable[[], object]) -> tuple[float, object]:
 
 def random_experts(loaded, names) -> dict[str, experts_lib.Expert]:
     """Random valid experts for the model's MLP targets (distinct seeds)."""
-    fingerprint = svd.fingerprint(loaded.config, loaded.checkpoint.tensors)
-    shapes = svd.svf_param_shapes(loaded.config, svd.TARGET_SETS["mlp"])
+    fingerprint = svf_cache.fingerprint(loaded.config, loaded.checkpoint.tensors)
+    shapes = svf_targets.svf_param_shapes(loaded.config, svf_targets.TARGET_SETS["mlp"])
     return {
         name: experts_lib.expert_from_params(
             svf_lib.init_params(jax.random.key(seed), shapes, std=0.5), fingerprint=fingerprint
@@ -74,27 +74,27 @@ def main() -> None:
 
     loaded = load_model(args.model, progress=False)
     if args.experts:
-        paths = adapt_cli.parse_expert_paths(args.experts)
+        paths = parse_expert_paths(args.experts)
         experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
     else:
         experts = random_experts(loaded, ("math", "code", "reasoning"))
-    model = adapt.build_expert_model(loaded, experts, progress=False)
+    model = build_expert_model(loaded, experts, progress=False)
     task = get_task(args.task)
     items = task.load("test")
-    shot_indices, _ = adapt.few_shot_split(task.name, len(items), args.shots)
+    shot_indices, _ = few_shot.few_shot_split(task.name, len(items), args.shots)
     shots = [items[i] for i in shot_indices]
     prompts = [render_prompt(task, shot, loaded.tokenizer) for shot in shots]
 
-    alpha = adapt.initial_alpha(model, "per_matrix")
+    alpha = few_shot.initial_alpha(model, "per_matrix")
     strategy = cem.CEM(args.population, alpha)
     state = strategy.init(jax.random.key(0), alpha, strategy.default_params)
     population, _ = strategy.ask(jax.random.key(1), state, strategy.default_params)
-    basis = adapt.mixing_basis(model, "z")
-    z_population = adapt.mix_population(basis, population, False, model.targets)
+    basis = few_shot.mixing_basis(model, "z")
+    z_population = few_shot.mix_population(basis, population, False, model.adapted.targets)
     first_candidate = {k: v[:1] for k, v in z_population.items()}
 
     def score(z, max_new_tokens, per_candidate):
-        return adapt.score_population(
+        return few_shot.score_population(
             model,
             task,
             shots,
@@ -115,7 +115,7 @@ def main() -> None:
     first = {k: v[0] for k, v in first_candidate.items()}
 
     def merge_first():
-        return jax.block_until_ready(svd.merge_into_weights(model.weights, model.factors, first))
+        return jax.block_until_ready(model.adapted.merged_weights(first))
 
     merge_first()  # compile
     merge_seconds, _ = seconds(merge_first)
@@ -127,8 +127,8 @@ def main() -> None:
         for texts, batched_texts in zip(alone.texts, batched.texts, strict=True)
         for a, b in zip(texts, batched_texts, strict=True)
     )
-    lengths = [len(ids) for ids in model.sampler.encode(prompts)]
-    dtype = jnp.dtype(model.weights.embed.dtype).name
+    lengths = [len(ids) for ids in model.adapted.sampler.encode(prompts)]
+    dtype = jnp.dtype(model.adapted.weights.embed.dtype).name
     origin = "from files" if args.experts else "(random, valid)"
     print(
         f"\n{args.model} on {jax.devices()[0].platform} ({dtype}); "

@@ -34,7 +34,7 @@ from t2jax.padding import bucket_length, left_pad
 from t2jax.sampler import Generation, Sampler
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import factors as svf_factors
 
 Array = jax.Array
 Choice = svf_lib.ZVectors | None  # one row's adapter: SVF scales z {key: [L, R]}, None = as loaded
@@ -51,7 +51,7 @@ class AdaptedModel:
     """
 
     loaded: LoadedModel
-    factors: svd.ModelFactors
+    factors: svf_factors.ModelFactors
 
     @property
     def config(self) -> ModelConfig:
@@ -93,7 +93,7 @@ class AdaptedModel:
 
     def merged_weights(self, z: svf_lib.ZVectors) -> model_lib.Weights:
         """The weights with the targets' kernels replaced by W'(z)."""
-        return svd.merge_into_weights(self.weights, self.factors, z)
+        return svf_factors.merge_into_weights(self.weights, self.factors, z)
 
     def sampler_for(self, z: Choice) -> Sampler:
         """A sampler over W'(z) merged into the weights (None: the weights as loaded)."""
@@ -112,7 +112,7 @@ class AdaptedModel:
         """Factored SVF with row i adapted by choice `row_choice[i]` of `table` {key: [C, L, R]}."""
         index = jnp.asarray(row_choice, jnp.int32)  # [B]
         z = {key: jnp.swapaxes(jnp.take(t, index, axis=0), 0, 1) for key, t in table.items()}
-        return svd.svf_from_factors(self.factors, z, "factored")  # z: {key: [L, B, R]}
+        return svf_factors.svf_from_factors(self.factors, z, "factored")  # z: {key: [L, B, R]}
 
     def generate(
         self,

@@ -28,14 +28,6 @@ CURVE_FILE = "learning_curve.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Writes JSON atomically (temporary file, then rename)."""
-    path = pathlib.Path(path)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
-
-
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics JSONL file (a torn last line from a crash is ignored)."""
     path = pathlib.Path(path)

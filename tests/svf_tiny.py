@@ -11,7 +11,9 @@ import tiny
 
 from t2jax import model as model_lib
 from t2jax.config import ModelConfig
-from t2jax.svf import factors as svd
+from t2jax.svf import cache as svf_cache
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 
 # Kernel ranks differ by target (q/o 32, k/v 16, MLP 32), so mixed-up targets show as shape errors.
 CONFIG = ModelConfig(
@@ -64,19 +66,18 @@ def model(seed: int = 0, stacked: bool = False, config: ModelConfig = CONFIG):
     """(tensors, weights, fingerprint) of a random model."""
     tensors = random_tensors(config, seed)
     weights = model_lib.weights_from_hf(config, tensors, stacked=stacked)
-    return tensors, weights, svd.fingerprint(config, tensors)
+    return tensors, weights, svf_cache.fingerprint(config, tensors)
 
 
-def factors(tensors, fingerprint, targets=svd.TARGET_SETS["mlp"], stacked=False, **kwargs):
-    """In-memory SVD factors of `targets`."""
-    return svd.decompose(
+def factors(tensors, fingerprint, targets=svf_targets.TARGET_SETS["mlp"], stacked=False, mesh=None):
+    """In-memory fp32 SVD factors of `targets`."""
+    return svf_factors.decompose(
         CONFIG,
-        svd.kernels_from_tensors(tensors),
+        svf_factors.kernels_from_tensors(tensors),
         targets,
         fingerprint=fingerprint,
-        stacked=stacked,
+        placement=svf_factors.Placement(stacked=stacked, mesh=mesh),
         progress=False,
-        **kwargs,
     )
 
 

@@ -19,9 +19,11 @@ from t2jax import reports
 from t2jax.adaptation import pipeline as adapt
 from t2jax.cli import app as cli
 from t2jax.loading import load_model
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 from t2jax.tasks import Example, Score, Task, get_task, parse_category
 from t2jax.tasks.base import TEMPLATE_PLAIN
 from t2jax.tasks.prompts import render_chat
@@ -38,8 +40,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapt")
     tiny.save_tiny_checkpoint(root / "model", "llama", seed=3)
     loaded = load_model(str(root / "model"), dtype=jnp.float32, progress=False)
-    fingerprint = svd.fingerprint(loaded.config, loaded.checkpoint.tensors)
-    shapes = svd.svf_param_shapes(loaded.config, svd.TARGET_SETS["mlp"])
+    fingerprint = svf_cache.fingerprint(loaded.config, loaded.checkpoint.tensors)
+    shapes = svf_targets.svf_param_shapes(loaded.config, svf_targets.TARGET_SETS["mlp"])
 
     def random_expert(seed):
         params = svf_lib.init_params(jax.random.key(seed), shapes, std=2.0)
@@ -164,7 +166,7 @@ def test_output_logprobs_match_a_full_forward_pass(setup):
     z = model.expert_z["code"]
     got = adapt.output_logprobs(model, prompt_ids, output_ids, [z], [0, 0], batch_size=4)
 
-    weights = svd.merge_into_weights(model.weights, model.factors, z)
+    weights = svf_factors.merge_into_weights(model.weights, model.factors, z)
     tokens = jnp.asarray([prompt_ids[0] + output_ids[0]])
     mask = jnp.ones_like(tokens, bool)
     positions = model_lib.positions_from_mask(mask)
@@ -181,7 +183,9 @@ def test_output_logprobs_match_a_full_forward_pass(setup):
 def reply_log_likelihood(model, z, prompt_ids, reply_ids) -> float:
     """log p(reply | prompt) from one unpadded full forward pass under W'(z)."""
     weights = (
-        model.weights if z is None else svd.merge_into_weights(model.weights, model.factors, z)
+        model.weights
+        if z is None
+        else svf_factors.merge_into_weights(model.weights, model.factors, z)
     )
     tokens = jnp.asarray([list(prompt_ids) + list(reply_ids)])
     mask = jnp.ones_like(tokens, bool)

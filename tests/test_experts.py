@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -11,17 +12,18 @@ import safetensors.numpy
 import svf_tiny
 
 from t2jax.cli import svf as svf_cli
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import targets as svf_targets
 
 CONFIG = svf_tiny.CONFIG
-MLP = svd.TARGET_SETS["mlp"]
+MLP = svf_targets.TARGET_SETS["mlp"]
 
 
 def _expert(seed, targets=MLP, fingerprint="feedfacefeedface", parametrization=None):
     parametrization = parametrization or svf_lib.OFFICIAL_PARAMETRIZATION
-    shapes = svd.svf_param_shapes(CONFIG, targets)
+    shapes = svf_targets.svf_param_shapes(CONFIG, targets)
     params = svf_lib.init_params(jax.random.key(seed), shapes, parametrization, std=0.5)
     return experts_lib.expert_from_params(params, parametrization, fingerprint)
 
@@ -37,7 +39,7 @@ def _assert_same_expert(found, expected):
 @pytest.mark.parametrize("suffix", [".safetensors", "_orbax"])
 def test_save_load_round_trip(tmp_path, suffix):
     plain = svf_lib.Parametrization("plain")
-    for expert in (_expert(0), _expert(1, svd.resolve_targets("qv"), None, plain)):
+    for expert in (_expert(0), _expert(1, svf_targets.resolve_targets("qv"), None, plain)):
         path = tmp_path / f"{expert.parametrization.kind}{suffix}"
         experts_lib.save_expert(expert, path)
         _assert_same_expert(experts_lib.load_expert(path), expert)
@@ -48,11 +50,35 @@ def test_safetensors_file_is_keyed_by_hf_names(tmp_path):
     experts_lib.save_safetensors(expert, tmp_path / "e.safetensors")
     tensors = safetensors.numpy.load_file(str(tmp_path / "e.safetensors"))
     assert sorted(tensors) == sorted(
-        svd.hf_tensor_name(layer, key) for layer in range(CONFIG.num_layers) for key in MLP
+        svf_targets.hf_tensor_name(layer, key) for layer in range(CONFIG.num_layers) for key in MLP
     )
     np.testing.assert_array_equal(
         tensors["model.layers.1.mlp.down_proj.weight"], expert.params["mlp.down_proj"][1]
     )
+
+
+def test_saving_replaces_the_file_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "e.safetensors"
+    experts_lib.save_expert(_expert(0), path)
+    experts_lib.save_expert(_expert(1), path)  # overwrite: no temporary left behind
+    _assert_same_expert(experts_lib.load_expert(path), _expert(1))
+
+    def crash(tensors, filename, metadata):
+        pathlib.Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        experts_lib.save_expert(_expert(2), path)
+    _assert_same_expert(experts_lib.load_expert(path), _expert(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
+
+
+def test_unreadable_file_is_an_expert_error(tmp_path):
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(experts_lib.ExpertError, match="not a readable safetensors file"):
+        experts_lib.load_expert(path)
 
 
 def _write(path, tensors, **metadata_changes):
@@ -100,14 +126,14 @@ def test_compatibility_checks(tmp_path):
     experts_lib.check_compatible(mine, factors)
 
     other_model = _expert(0)
-    with pytest.raises(svd.FingerprintError, match="another model"):
+    with pytest.raises(svf_cache.FingerprintError, match="another model"):
         experts_lib.check_compatible(other_model, factors)
     experts_lib.check_compatible(other_model, factors, allow_other_model=True)
     unknown = dataclasses.replace(other_model, fingerprint=None)
     experts_lib.check_compatible(unknown, factors)
 
     with pytest.raises(experts_lib.ExpertError, match="factors cover"):
-        experts_lib.check_compatible(_expert(0, svd.resolve_targets("qv")), factors)
+        experts_lib.check_compatible(_expert(0, svf_targets.resolve_targets("qv")), factors)
     deeper = dataclasses.replace(CONFIG, num_layers=CONFIG.num_layers + 1)
     with pytest.raises(experts_lib.ExpertError, match="layers"):
         experts_lib.check_shapes(mine, deeper)
@@ -125,7 +151,7 @@ def test_import_of_official_policy_params_and_legacy_files(tmp_path):
     policy_params = {
         f"learnable_params_module_list.{i}": vector(*item) for i, item in enumerate(order)
     }
-    legacy = {f"module.{svd.hf_tensor_name(*item)}": vector(*item) for item in order}
+    legacy = {f"module.{svf_targets.hf_tensor_name(*item)}": vector(*item) for item in order}
     for name, state in (("policy_params.pt", policy_params), ("learnable_params.pt", legacy)):
         torch.save(state, tmp_path / name)
         imported = experts_lib.import_official(tmp_path / name, CONFIG)
@@ -164,7 +190,9 @@ def test_mixing_experts_one_hot_and_spaces():
     with pytest.raises(experts_lib.ExpertError, match="different models"):
         experts_lib.mix_experts(strangers, np.ones(2))
     with pytest.raises(experts_lib.ExpertError, match="different matrices"):
-        experts_lib.mix_experts([experts[0], _expert(5, svd.resolve_targets("qv"))], np.ones(2))
+        experts_lib.mix_experts(
+            [experts[0], _expert(5, svf_targets.resolve_targets("qv"))], np.ones(2)
+        )
 
 
 def test_transfer_and_shuffled_control():
@@ -209,11 +237,11 @@ def test_cli_params_shape_only(tmp_path, capsys):
 def test_cli_decompose_info_mix_transfer(tmp_path, capsys):
     tensors = svf_tiny.save_hf_dir(tmp_path / "model_a", seed=0)
     svf_tiny.save_hf_dir(tmp_path / "model_b", seed=1)
-    fingerprint = svd.fingerprint(CONFIG, tensors)
+    fingerprint = svf_cache.fingerprint(CONFIG, tensors)
     cache = tmp_path / "cache"
     _run_cli("decompose", "--model", tmp_path / "model_a", "--cache-dir", cache, "--no-progress")
     assert fingerprint in capsys.readouterr().out
-    svd.load_factors(cache / fingerprint, CONFIG, MLP, fingerprint=fingerprint)
+    svf_cache.load_factors(cache / fingerprint, CONFIG, MLP, fingerprint=fingerprint)
 
     paths = []
     for seed in range(2):
@@ -240,5 +268,5 @@ def test_cli_decompose_info_mix_transfer(tmp_path, capsys):
         "--shuffle", "--seed", 3, "--out", moved_path,
     )  # fmt: skip
     moved = experts_lib.load_expert(moved_path)
-    assert moved.fingerprint == svd.fingerprint(CONFIG, svf_tiny.random_tensors(seed=1))
+    assert moved.fingerprint == svf_cache.fingerprint(CONFIG, svf_tiny.random_tensors(seed=1))
     assert not np.array_equal(moved.params["mlp.up_proj"], _expert(0).params["mlp.up_proj"])

@@ -14,7 +14,9 @@ from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
 from t2jax.padding import bucket_length, new_tokens_bucket
 from t2jax.sampler import Sampler, compacted_rows, empty_cache
-from t2jax.svf import factors as svd
+from t2jax.svf import cache as svf_cache
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 
 pytest.importorskip("torch")
 
@@ -181,20 +183,22 @@ def test_take_cache_rows_in_both_layer_layouts(tiny_checkpoint, stacked):
 def _per_row_expert_svf(tiny_model, rows):
     """Factored SVF of the MLP kernels with a different random z per batch row."""
     checkpoint, _ = tiny_model
-    config, tensors, targets = checkpoint.config, checkpoint.tensors, svd.TARGET_SETS["mlp"]
-    factors = svd.decompose(
+    config, tensors, targets = checkpoint.config, checkpoint.tensors, svf_targets.TARGET_SETS["mlp"]
+    factors = svf_factors.decompose(
         config,
-        svd.kernels_from_tensors(tensors),
+        svf_factors.kernels_from_tensors(tensors),
         targets,
-        fingerprint=svd.fingerprint(config, tensors),
-        stacked=False,
+        fingerprint=svf_cache.fingerprint(config, tensors),
+        placement=svf_factors.Placement(stacked=False),
         progress=False,
     )
     z = {
         key: jax.random.uniform(jax.random.key(i), (layers, rows, rank), maxval=2.0)  # [L, B, R]
-        for i, (key, (layers, rank)) in enumerate(svd.svf_param_shapes(config, targets).items())
+        for i, (key, (layers, rank)) in enumerate(
+            svf_targets.svf_param_shapes(config, targets).items()
+        )
     }
-    return svd.svf_from_factors(factors, z, "factored")
+    return svf_factors.svf_from_factors(factors, z, "factored")
 
 
 @pytest.mark.parametrize("variant", ["base", "per_row_experts", "batch_sharded"])

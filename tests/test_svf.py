@@ -13,10 +13,11 @@ import tiny
 from t2jax import model as model_lib
 from t2jax.sampler import Sampler
 from t2jax.svf import core as svf_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 
 CONFIG = svf_tiny.CONFIG
-TARGETS = svd.resolve_targets("qv,mlp")
+TARGETS = svf_targets.resolve_targets("qv,mlp")
 ROWS = 3
 
 
@@ -38,7 +39,7 @@ def unstacked_model():
 
 def _random_z(seed, spread=0.5):
     """Scales far from uniform, so every expert visibly changes the model."""
-    shapes = svd.svf_param_shapes(CONFIG, TARGETS)
+    shapes = svf_targets.svf_param_shapes(CONFIG, TARGETS)
     params = svf_lib.init_params(jax.random.key(seed), shapes, std=spread)
     return svf_lib.z_of(params, svf_lib.OFFICIAL_PARAMETRIZATION)
 
@@ -59,7 +60,7 @@ def _logits(config, weights, tokens, mask, svf=None):
 def _adapted_logits(tiny_model, z, mode, rows=ROWS):
     weights, factors = tiny_model
     tokens, mask = _batch(rows)
-    return _logits(CONFIG, weights, tokens, mask, svd.svf_from_factors(factors, z, mode))
+    return _logits(CONFIG, weights, tokens, mask, svf_factors.svf_from_factors(factors, z, mode))
 
 
 @pytest.mark.parametrize("mode", ["merged", "factored"])
@@ -88,7 +89,7 @@ def test_merged_weights_equal_merged_svf(tiny_model):
     weights, factors = tiny_model
     tokens, mask = _batch()
     z = _random_z(4)
-    dense = _logits(CONFIG, svd.merge_into_weights(weights, factors, z), tokens, mask)
+    dense = _logits(CONFIG, svf_factors.merge_into_weights(weights, factors, z), tokens, mask)
     np.testing.assert_allclose(dense, _adapted_logits(tiny_model, z, "merged"), atol=1e-4)
 
 
@@ -96,10 +97,10 @@ def test_per_row_experts_equal_each_row_alone(tiny_model):
     weights, factors = tiny_model
     tokens, mask = _batch()
     experts = [_random_z(10 + row) for row in range(ROWS)]
-    svf = svd.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
+    svf = svf_factors.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
     together = _logits(CONFIG, weights, tokens, mask, svf)
     for row, z in enumerate(experts):
-        alone_svf = svd.svf_from_factors(factors, z, "merged")
+        alone_svf = svf_factors.svf_from_factors(factors, z, "merged")
         alone = _logits(CONFIG, weights, tokens[row : row + 1], mask[row : row + 1], alone_svf)
         real = np.asarray(mask[row])
         np.testing.assert_allclose(together[row][real], alone[0][real], atol=1e-4)
@@ -115,10 +116,10 @@ def test_per_row_experts_in_the_sampler_equal_single_expert_runs(unstacked_model
         tokenizer = tiny.tiny_tokenizer()
         return Sampler(CONFIG, weights, tokenizer, eos_ids=(CONFIG.vocab_size,))
 
-    svf = svd.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
+    svf = svf_factors.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
     together = sampler(weights).generate(prompts, max_new_tokens=8, svf=svf).token_ids
     alone = [
-        sampler(svd.merge_into_weights(weights, factors, z))
+        sampler(svf_factors.merge_into_weights(weights, factors, z))
         .generate([prompt], max_new_tokens=8)
         .token_ids[0]
         for prompt, z in zip(prompts, experts, strict=True)
@@ -131,13 +132,15 @@ def test_per_row_experts_in_the_sampler_equal_single_expert_runs(unstacked_model
 def test_grad_wrt_p_matches_central_differences(unstacked_model, mode):
     weights, factors = unstacked_model
     tokens, mask = _batch()
-    shapes = svd.svf_param_shapes(CONFIG, TARGETS)
+    shapes = svf_targets.svf_param_shapes(CONFIG, TARGETS)
     p = svf_lib.init_params(jax.random.key(0), shapes, std=0.5)
     readout = jax.random.normal(jax.random.key(1), (ROWS, 9, CONFIG.vocab_size))
 
     def loss(p):
         z = svf_lib.z_of(p, svf_lib.OFFICIAL_PARAMETRIZATION)
-        logits = _logits(CONFIG, weights, tokens, mask, svd.svf_from_factors(factors, z, mode))
+        logits = _logits(
+            CONFIG, weights, tokens, mask, svf_factors.svf_from_factors(factors, z, mode)
+        )
         return jnp.mean(jnp.where(mask[..., None], logits * readout, 0.0))
 
     grad = jax.grad(loss)(p)
@@ -214,19 +217,19 @@ def test_mixing_one_hot_per_matrix_normalized_and_jitted():
 def test_mismatched_z_is_a_clear_error(tiny_model):
     _, factors = tiny_model
     z = _random_z(0)
-    with pytest.raises(svd.SVDError, match="factors cover"):
-        svd.svf_from_factors(factors, {key: z[key] for key in TARGETS[:-1]})
-    with pytest.raises(svd.SVDError, match="expected"):
-        svd.svf_from_factors(factors, {**z, "mlp.up_proj": z["mlp.up_proj"][:, :5]})
+    with pytest.raises(svf_targets.SVDError, match="factors cover"):
+        svf_factors.svf_from_factors(factors, {key: z[key] for key in TARGETS[:-1]})
+    with pytest.raises(svf_targets.SVDError, match="expected"):
+        svf_factors.svf_from_factors(factors, {**z, "mlp.up_proj": z["mlp.up_proj"][:, :5]})
     per_row = svf_lib.per_row_experts([z, z])
-    with pytest.raises(svd.SVDError, match="factored"):
-        svd.svf_from_factors(factors, per_row, "merged")
+    with pytest.raises(svf_targets.SVDError, match="factored"):
+        svf_factors.svf_from_factors(factors, per_row, "merged")
 
 
 def test_padding_expert_rows_adds_base_model_rows(tiny_model):
     weights, factors = tiny_model
     experts = [_random_z(40 + row) for row in range(2)]
-    svf = svd.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
+    svf = svf_factors.svf_from_factors(factors, svf_lib.per_row_experts(experts), "factored")
     padded = svf_lib.pad_expert_rows(svf, ROWS)
     tokens, mask = _batch()
     together = _logits(CONFIG, weights, tokens, mask, padded)
@@ -234,7 +237,7 @@ def test_padding_expert_rows_adds_base_model_rows(tiny_model):
         together[:2], _logits(CONFIG, weights, tokens[:2], mask[:2], svf), atol=1e-4
     )
     np.testing.assert_allclose(together[2:], _logits(CONFIG, weights, tokens, mask)[2:], atol=1e-4)
-    single = svd.svf_from_factors(factors, experts[0], "factored")
+    single = svf_factors.svf_from_factors(factors, experts[0], "factored")
     unchanged = svf_lib.pad_expert_rows(single, ROWS)
     leaves = zip(jax.tree.leaves(unchanged), jax.tree.leaves(single), strict=True)
     assert all(a is b for a, b in leaves)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import platformdirs
 import tqdm
 
+from t2jax.files import write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "T2JAX_CACHE"
@@ -173,7 +175,7 @@ def fetch(
         digest = assemble(model, assembled, pathlib.Path(scratch), downloader, progress)
         verify(model, assembled, digest)
         os.replace(assembled, target)
-    write_atomically(_marker_path(target), model.sha256)
+    write_text_atomically(_marker_path(target), model.sha256)
     return target
 
 
@@ -241,7 +243,7 @@ def is_cached(model: RegistryModel, target: pathlib.Path) -> bool:
         return marker.read_text().strip() == model.sha256
     if sha256_of(target) != model.sha256:
         return False
-    write_atomically(marker, model.sha256)
+    write_text_atomically(marker, model.sha256)
     return True
 
 
@@ -252,13 +254,6 @@ def sha256_of(file: pathlib.Path) -> str:
         while chunk := source.read(_COPY_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Writes a small text file via a temporary file and a rename."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _marker_path(target: pathlib.Path) -> pathlib.Path:

@@ -11,8 +11,8 @@ Two equivalent ways to apply it:
 This module is pure JAX on pytrees and knows nothing about checkpoints: the composition core above,
 the parametrization z = sigmoid(p) * max_mult with the official initialization (spec section 1.2),
 and expert mixing z' = sum_k alpha_k z_k (spec section 4.4). SVF parameters are dicts keyed by HF
-module name ("mlp.gate_proj") with one [L, R] vector per layer; `t2jax.svd` builds them from SVD
-factors and `t2jax.experts` stores them.
+module name ("mlp.gate_proj") with one [L, R] vector per layer; `t2jax.svf.factors` builds them from
+SVD factors and `t2jax.svf.experts` stores them.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def init_params(
 
     Args:
         key: PRNG key.
-        shapes: module key -> [L, R] (see `t2jax.svd.svf_param_shapes`).
+        shapes: module key -> [L, R] (see `t2jax.svf.targets.svf_param_shapes`).
         parametrization: sigmoid (official) or plain.
         std: standard deviation of the noise.
     """

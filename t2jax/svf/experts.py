@@ -3,10 +3,11 @@ directories, import of the official PyTorch release's files, mixing, and cross-m
 
 An expert file holds one vector per adapted matrix, named like the matrix
 ("model.layers.3.mlp.gate_proj.weight" -> [R]), plus metadata: format and version, the fingerprint
-of the model it was trained for (`t2jax.svd.fingerprint`), its targets, its parametrization (raw p
-with z = sigmoid(p) * max_mult, or plain z; spec section 1.2) and the t2jax version. Files are
-untrusted: loading validates names, shapes and metadata, and applying an expert to a model checks
-targets, ranks and fingerprint (`check_compatible`).
+of the model it was trained for (`t2jax.svf.cache.fingerprint`), its targets, its parametrization
+(raw p with z = sigmoid(p) * max_mult, or plain z; spec section 1.2) and the t2jax version. Files
+are untrusted: loading validates names, shapes and metadata, and applying an expert to a model
+checks targets, ranks and fingerprint (`check_compatible`). Files are written atomically (a reader
+never sees a torn file; see `t2jax.files`).
 
 The official release saves `policy.state_dict()` as `policy_params.pt`: raw bf16 p vectors keyed
 "learnable_params_module_list.{i}", i running over the MLP matrices in state-dict order (layer 0's
@@ -32,8 +33,11 @@ import safetensors.numpy
 
 import t2jax
 from t2jax.config import ModelConfig
+from t2jax.files import write_atomically
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
-from t2jax.svf import factors as svd
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
 
 EXPERT_FORMAT = "t2jax.svf_expert"
 EXPERT_VERSION = "1"
@@ -61,8 +65,8 @@ class Expert:
 
     def __post_init__(self):
         try:
-            svd.resolve_targets(tuple(self.params))
-        except svd.SVDError as error:
+            svf_targets.resolve_targets(tuple(self.params))
+        except svf_targets.SVDError as error:
             raise ExpertError(str(error)) from None
         layers = {v.shape[0] for v in self.params.values() if v.ndim == 2}
         if len(layers) != 1 or any(v.ndim != 2 for v in self.params.values()):
@@ -74,7 +78,7 @@ class Expert:
     @property
     def targets(self) -> tuple[str, ...]:
         """Adapted module keys, in HF state-dict order."""
-        return svd.resolve_targets(tuple(self.params))
+        return svf_targets.resolve_targets(tuple(self.params))
 
     @property
     def num_layers(self) -> int:
@@ -107,7 +111,7 @@ def expert_from_params(
 def expert_tensors(expert: Expert) -> dict[str, np.ndarray]:
     """HF tensor name -> [R] vector, one per adapted matrix."""
     return {
-        svd.hf_tensor_name(layer, key): np.ascontiguousarray(vectors[layer])
+        svf_targets.hf_tensor_name(layer, key): np.ascontiguousarray(vectors[layer])
         for key, vectors in expert.params.items()
         for layer in range(expert.num_layers)
     }
@@ -118,8 +122,8 @@ def _params_from_tensors(tensors: Mapping[str, Any], source: str) -> dict[str, n
     by_key: dict[str, dict[int, np.ndarray]] = {}
     for name, value in tensors.items():
         try:
-            layer, key = svd.parse_hf_tensor_name(name)
-        except svd.SVDError as error:
+            layer, key = svf_targets.parse_hf_tensor_name(name)
+        except svf_targets.SVDError as error:
             raise ExpertError(f"{source}: {error}") from None
         vector = np.asarray(value, np.float32)
         if vector.ndim != 1:
@@ -166,7 +170,7 @@ def _expert_from_file(
         raise ExpertError(f"{source} has expert format version {metadata.get('version')}")
     params = _params_from_tensors(tensors, source)
     declared = metadata.get("targets", "")
-    found = ",".join(svd.resolve_targets(tuple(params)))
+    found = ",".join(svf_targets.resolve_targets(tuple(params)))
     if declared != found:
         raise ExpertError(f"{source}: metadata lists targets {declared!r}, vectors cover {found!r}")
     if metadata.get("num_layers") != str(next(iter(params.values())).shape[0]):
@@ -186,8 +190,13 @@ def _expert_from_file(
 
 
 def save_safetensors(expert: Expert, path: str | pathlib.Path) -> None:
-    """Writes a portable `.safetensors` expert (vectors keyed by HF names, with metadata)."""
-    safetensors.numpy.save_file(expert_tensors(expert), str(path), metadata=_metadata(expert))
+    """Atomically writes a portable `.safetensors` expert (vectors keyed by HF names, with
+    metadata)."""
+    tensors, metadata = expert_tensors(expert), _metadata(expert)
+    write_atomically(
+        path,
+        lambda temporary: safetensors.numpy.save_file(tensors, str(temporary), metadata=metadata),
+    )
 
 
 def load_safetensors(path: str | pathlib.Path) -> Expert:
@@ -196,14 +205,18 @@ def load_safetensors(path: str | pathlib.Path) -> Expert:
     Raises:
         ExpertError: not a t2jax expert, or malformed.
     """
-    with safetensors.safe_open(str(path), framework="numpy") as file:
-        metadata = file.metadata()
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as file:
+            metadata = file.metadata()
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    except safetensors.SafetensorError as error:
+        raise ExpertError(f"{path} is not a readable safetensors file: {error}") from None
     return _expert_from_file(metadata, tensors, str(path))
 
 
 def save_orbax(expert: Expert, directory: str | pathlib.Path) -> None:
-    """Writes the expert as an orbax checkpoint (names and metadata as in the safetensors file)."""
+    """Writes the expert as an orbax checkpoint (names and metadata as in the safetensors file;
+    orbax writes a temporary directory and renames it when complete)."""
     directory = pathlib.Path(directory).expanduser().resolve()
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory, expert_tensors(expert), custom_metadata=_metadata(expert))
@@ -250,7 +263,7 @@ def load_expert(path: str | pathlib.Path) -> Expert:
 def import_official(
     path: str | pathlib.Path,
     config: ModelConfig,
-    targets: Sequence[str] = svd.TARGET_SETS["mlp"],
+    targets: Sequence[str] = svf_targets.TARGET_SETS["mlp"],
     *,
     max_mult: float = 1.0,
 ) -> Expert:
@@ -274,9 +287,9 @@ def import_official(
     if not isinstance(state, Mapping):
         raise ExpertError(f"{path} holds a {type(state).__name__}, expected a state dict")
     order = [
-        svd.hf_tensor_name(layer, key)
+        svf_targets.hf_tensor_name(layer, key)
         for layer in range(config.num_layers)
-        for key in svd.resolve_targets(targets)
+        for key in svf_targets.resolve_targets(targets)
     ]
     tensors = {}
     for name, value in state.items():
@@ -286,7 +299,7 @@ def import_official(
     if sorted(tensors) != sorted(order):
         raise ExpertError(
             f"{path} has {len(tensors)} vectors; a {config.num_layers}-layer model with targets "
-            f"{list(svd.resolve_targets(targets))} needs {len(order)}"
+            f"{list(svf_targets.resolve_targets(targets))} needs {len(order)}"
         )
     params = _params_from_tensors(tensors, str(path))
     expert = Expert(params, svf_lib.Parametrization("sigmoid", max_mult), fingerprint=None)
@@ -317,12 +330,12 @@ def check_shapes(expert: Expert, config: ModelConfig) -> None:
     Raises:
         ExpertError: a mismatch, naming the matrices that differ.
     """
-    shapes = svd.svf_param_shapes(config, expert.targets)
+    shapes = svf_targets.svf_param_shapes(config, expert.targets)
     _check_ranks(expert, config.num_layers, {key: rank for key, (_, rank) in shapes.items()})
 
 
 def check_compatible(
-    expert: Expert, factors: svd.ModelFactors, *, allow_other_model: bool = False
+    expert: Expert, factors: svf_factors.ModelFactors, *, allow_other_model: bool = False
 ) -> None:
     """Checks that an expert can be applied with these factors.
 
@@ -334,7 +347,7 @@ def check_compatible(
 
     Raises:
         ExpertError: different targets, layer counts or ranks.
-        svd.FingerprintError: the expert belongs to another model.
+        svf_cache.FingerprintError: the expert belongs to another model.
     """
     if set(expert.targets) != set(factors.targets):
         raise ExpertError(
@@ -343,7 +356,7 @@ def check_compatible(
         )
     _check_ranks(expert, factors.num_layers, factors.ranks())
     if not allow_other_model:
-        svd.check_fingerprint(expert.fingerprint, factors.fingerprint, "this expert")
+        svf_cache.check_fingerprint(expert.fingerprint, factors.fingerprint, "this expert")
 
 
 def _check_ranks(expert: Expert, num_layers: int, ranks: Mapping[str, int]) -> None:

@@ -1,139 +1,36 @@
-"""SVD factors of the SVF target kernels: decomposition, model fingerprints, on-disk cache, and
-their use in the decoder (SVF pytrees, merged weights, trainable-parameter counts).
+"""SVD factors of the SVF target kernels: the decomposition, where the factors live on devices,
+and their use in the decoder (SVF pytrees, merged weights).
 
 Spec section 1.1: a reduced SVD in fp32 of every adapted matrix, singular values descending. We
 decompose our `x @ W` kernel W = W_hf^T, so with torch's W_hf = U diag(S) V^T we store A = V [in, R]
 and B = U^T [R, out]: s is exactly torch's S, and component i of an expert scales the same singular
 value as in the official release (spec section 6 relies on that order for cross-model transfer).
 Signs of singular vectors are fixed (largest entry of each column of A positive) so results are
-reproducible; W' does not depend on them. Section 1.4 lists the target sets, section 1.5 the
-parameter counts.
+reproducible; W' does not depend on them.
 
 Only targeted kernels are decomposed, one at a time, so an 8B model never needs its whole fp32 copy.
-The cache holds one orbax item per kernel, named by its HF tensor name
-("model.layers.3.mlp.gate_proj.weight"), next to a `meta.json` with the model fingerprint; loading
-factors computed for another model raises `FingerprintError`.
+`t2jax.svf.cache` keeps the factors on disk; `t2jax.svf.targets` names and counts the targets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import pathlib
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
-import platformdirs
 import tqdm
 
 from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.config import ModelConfig
 from t2jax.svf import core as svf_lib
+from t2jax.svf.targets import SVDError, hf_tensor_name, resolve_targets
 
 Array = jax.Array
 KernelSource = Callable[[int, str], Any]  # (layer, module key) -> kernel [in, out]
-
-MODULE_ORDER = model_lib.ATTN_KERNELS + model_lib.MLP_KERNELS  # HF state-dict order in a layer
-TARGET_SETS = {
-    "mlp": model_lib.MLP_KERNELS,  # the official code's default (spec section 1.4)
-    "qv": ("self_attn.q_proj", "self_attn.v_proj"),  # the paper's 0.16M "attention" ablation
-    "attn": model_lib.ATTN_KERNELS,
-    "all": MODULE_ORDER,
-}
-CACHE_FORMAT = "t2jax.svd_factors"
-CACHE_VERSION = 1
-FINGERPRINT_EMBED_ROWS = 64  # embedding rows sampled into a fingerprint
-_TENSOR_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
-
-
-class SVDError(ValueError):
-    """Factors that do not match the model, the targets, or the request."""
-
-
-class FingerprintError(SVDError):
-    """Factors or an expert computed for a different model than the one given."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Targets, names and shapes.
-
-
-def resolve_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """Module keys of target sets and module keys, given as a sequence or a comma-separated string
-    ("mlp", "qv,mlp", "mlp.up_proj,self_attn.q_proj"), in HF state-dict order.
-
-    Raises:
-        SVDError: an unknown set or module key.
-    """
-    parts = [part.strip() for part in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [name for part in parts for name in TARGET_SETS.get(part, (part,))]
-    unknown = sorted(set(names) - set(MODULE_ORDER))
-    if unknown or not names:
-        raise SVDError(
-            f"unknown SVF targets {unknown or spec!r}; use one of {sorted(TARGET_SETS)} or "
-            f"module keys from {list(MODULE_ORDER)}"
-        )
-    return tuple(key for key in MODULE_ORDER if key in names)
-
-
-def hf_tensor_name(layer: int, key: str) -> str:
-    """HF name of a layer's kernel: (3, "mlp.up_proj") -> "model.layers.3.mlp.up_proj.weight"."""
-    return f"model.layers.{layer}.{key}.weight"
-
-
-def parse_hf_tensor_name(name: str) -> tuple[int, str]:
-    """Inverse of `hf_tensor_name`.
-
-    Raises:
-        SVDError: not the name of a per-layer linear kernel.
-    """
-    match = _TENSOR_NAME.fullmatch(name)
-    if not match or match.group(2) not in MODULE_ORDER:
-        raise SVDError(f"{name!r} is not the HF name of a decoder layer's linear weight")
-    return int(match.group(1)), match.group(2)
-
-
-def kernel_shape(config: ModelConfig, key: str) -> tuple[int, int]:
-    """[in, out] shape of a per-layer kernel of `config`."""
-    out_dim, in_dim = model_lib.expected_hf_shapes(config)[hf_tensor_name(0, key)]
-    return in_dim, out_dim
-
-
-def svf_param_shapes(config: ModelConfig, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Module key -> [L, R] with R = min(in, out), the reduced SVD's rank."""
-    return {key: (config.num_layers, min(kernel_shape(config, key))) for key in targets}
-
-
-def svf_param_count(config: ModelConfig, targets: Sequence[str]) -> int:
-    """Exact number of trainable SVF parameters, from shapes only (`jax.eval_shape`, no weights).
-
-    Llama-3-8B: 393,216 for the MLP targets and 163,840 for q/v (spec section 1.5).
-    """
-    shapes = svf_param_shapes(config, targets)
-    abstract = jax.eval_shape(lambda: svf_lib.init_params(jax.random.key(0), shapes))
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract))
-
-
-def lora_param_count(config: ModelConfig, targets: Sequence[str], rank: int) -> int:
-    """Trainable parameters of LoRA with `rank` on the same kernels: rank * (in + out) each.
-
-    Llama-3-8B, rank 16 on q/v: 6,815,744 (spec section 1.5).
-    """
-    per_layer = sum(rank * sum(kernel_shape(config, key)) for key in targets)
-    return config.num_layers * per_layer
-
-
-# ----------------------------------------------------------------------------------------------
-# Factors.
 
 
 @jax.tree_util.register_dataclass
@@ -144,6 +41,10 @@ class Factor:
     a: Array  # [in, R]
     s: Array  # [R] fp32, descending
     b: Array  # [R, out]
+
+    def astype(self, dtype: Any) -> Factor:
+        """A and B in `dtype`, s in fp32 (host arrays)."""
+        return Factor(a=self.a.astype(dtype), s=self.s.astype(np.float32), b=self.b.astype(dtype))
 
 
 @jax.tree_util.register_dataclass
@@ -188,6 +89,34 @@ class ModelFactors:
     def _first_layer(self) -> dict[str, Factor]:
         """Layer 0's factors, or the stacked ones (for keys and ranks only)."""
         return self.layers if model_lib.is_stacked(self.layers) else self.layers[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where factors live: their layer layout, the dtype of A and B, and the mesh they are
+    computed on and sharded over.
+
+    Attributes:
+        stacked: layer layout; None: the backend's default (see `t2jax.model`).
+        dtype: dtype of A and B (s stays fp32); the SVD itself always runs in fp32.
+        mesh: compute on, and shard the factors over, this mesh; None: the default device.
+    """
+
+    stacked: bool | None = None
+    dtype: Any = jnp.float32
+    mesh: jax.sharding.Mesh | None = None
+
+    @classmethod
+    def for_weights(
+        cls, weights: model_lib.Weights, mesh: jax.sharding.Mesh | None = None
+    ) -> Placement:
+        """Factors laid out and typed like `weights` (e.g. a `LoadedModel`'s, on its mesh)."""
+        return cls(
+            stacked=model_lib.is_stacked(weights.layers), dtype=weights.embed.dtype, mesh=mesh
+        )
+
+
+DEFAULT_PLACEMENT = Placement()  # the backend's layout, fp32, the default device
 
 
 @jax.jit
@@ -235,9 +164,7 @@ def decompose(
     targets: Sequence[str],
     *,
     fingerprint: str,
-    stacked: bool | None = None,
-    dtype: Any = jnp.float32,
-    mesh: jax.sharding.Mesh | None = None,
+    placement: Placement = DEFAULT_PLACEMENT,
     progress: bool = True,
 ) -> ModelFactors:
     """Decomposes the target kernels in memory, one kernel at a time.
@@ -245,21 +172,22 @@ def decompose(
     Args:
         config: the model's architecture.
         kernel_of: where kernels come from (`kernels_from_tensors` or `kernels_from_weights`).
-        targets: module keys (see `resolve_targets`).
-        fingerprint: the model's fingerprint (see `fingerprint`), recorded in the result.
-        stacked: layer layout of the result; defaults to the backend's (see `t2jax.model`).
-        dtype: dtype of A and B (s stays fp32); the SVD itself always runs in fp32.
-        mesh: compute on, and shard the factors over, this mesh.
+        targets: module keys (see `t2jax.svf.targets.resolve_targets`).
+        fingerprint: the model's fingerprint (see `t2jax.svf.cache.fingerprint`), recorded in the
+            result.
+        placement: layout, dtype and mesh of the result (the SVD runs on its mesh).
         progress: show a progress bar.
     """
     computed = {
-        (layer, key): _cast(factor, dtype)  # cast as they come: bf16 halves host memory
-        for layer, key, factor in _decompositions(config, kernel_of, targets, mesh, progress)
+        (layer, key): factor.astype(placement.dtype)  # cast as they come: bf16 halves host memory
+        for layer, key, factor in decompositions(
+            config, kernel_of, targets, placement.mesh, progress
+        )
     }
-    return _assemble(config, targets, computed, fingerprint, stacked, mesh)
+    return place_factors(config, targets, computed, fingerprint, placement)
 
 
-def _decompositions(
+def decompositions(
     config: ModelConfig,
     kernel_of: KernelSource,
     targets: Sequence[str],
@@ -267,7 +195,8 @@ def _decompositions(
     progress: bool,
     skip: Callable[[int, str], bool] = lambda layer, key: False,
 ) -> Iterator[tuple[int, str, Factor]]:
-    """Yields (layer, key, fp32 host factor) for every target kernel not skipped."""
+    """Yields (layer, key, fp32 host factor) for every target kernel not skipped, computing each
+    SVD on `mesh` (None: the default device)."""
     items = [
         (layer, key)
         for layer in range(config.num_layers)
@@ -281,15 +210,17 @@ def _decompositions(
         yield layer, key, jax.tree.map(parallel.host_array, decompose_kernel(kernel))
 
 
-def _assemble(
+def place_factors(
     config: ModelConfig,
     targets: Sequence[str],
     factors: Mapping[tuple[int, str], Factor],
     fingerprint: str,
-    stacked: bool | None,
-    mesh: jax.sharding.Mesh | None,
+    placement: Placement,
 ) -> ModelFactors:
-    """Per-kernel host factors -> device `ModelFactors` in the requested layout."""
+    """Per-kernel host factors {(layer, key): Factor} -> device `ModelFactors` in the placement's
+    layout and on its mesh (dtypes are kept: cast with `Factor.astype` first)."""
+    mesh = placement.mesh
+    stacked = placement.stacked
     if stacked is None:
         stacked = model_lib.default_layout_is_stacked(mesh)
     targets = resolve_targets(targets)
@@ -314,235 +245,6 @@ def _assemble(
             for layer in range(config.num_layers)
         )
     return ModelFactors(layers=layers, fingerprint=fingerprint)
-
-
-def _cast(factor: Factor, dtype: Any) -> Factor:
-    """A and B in `dtype`, s in fp32 (host arrays)."""
-    return Factor(a=factor.a.astype(dtype), s=factor.s.astype(np.float32), b=factor.b.astype(dtype))
-
-
-# ----------------------------------------------------------------------------------------------
-# Fingerprints.
-
-
-def fingerprint(config: ModelConfig, tensors: Mapping[str, Any]) -> str:
-    """A short hash that identifies a model: its config, every norm weight and a strided sample of
-    embedding rows, rounded to bf16 so the same model loaded in fp32 or bf16 gets the same hash.
-
-    Args:
-        config: the architecture.
-        tensors: HF-named tensors (e.g. `Checkpoint.tensors`, or `weights_as_tensors(weights)`);
-            only the embedding and norms are read.
-    """
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    stride = max(1, config.vocab_size // FINGERPRINT_EMBED_ROWS)
-    for name in _fingerprint_tensor_names(config):
-        array = tensors[name]
-        if name == "model.embed_tokens.weight":
-            array = array[::stride]  # [V / stride, D]
-        rounded = np.asarray(array).astype(np.float32).astype(ml_dtypes.bfloat16)
-        digest.update(name.encode())
-        digest.update(rounded.tobytes())
-    return digest.hexdigest()[:16]
-
-
-def weights_as_tensors(config: ModelConfig, weights: model_lib.Weights) -> dict[str, Array]:
-    """The HF-named tensors of `weights` that `fingerprint` reads (no copies)."""
-    tensors = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
-    for layer in range(config.num_layers):
-        for key in model_lib.LAYER_NORMS:
-            if model_lib.is_stacked(weights.layers):
-                norm = weights.layers[key][layer]  # [D]
-            else:
-                norm = weights.layers[layer][key]  # [D]
-            tensors[f"model.layers.{layer}.{key}.weight"] = norm
-    return tensors
-
-
-def _fingerprint_tensor_names(config: ModelConfig) -> list[str]:
-    per_layer = [
-        f"model.layers.{layer}.{key}.weight"
-        for layer in range(config.num_layers)
-        for key in model_lib.LAYER_NORMS
-    ]
-    return ["model.embed_tokens.weight", "model.norm.weight", *per_layer]
-
-
-def check_fingerprint(found: str | None, expected: str, what: str) -> None:
-    """Raises `FingerprintError` unless `found` (None: unknown, accepted) equals `expected`."""
-    if found is not None and found != expected:
-        raise FingerprintError(
-            f"{what} was computed for another model (fingerprint {found}, this model has "
-            f"{expected})"
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# On-disk cache (orbax, one item per kernel, keyed by HF tensor names).
-
-
-def decompose_to_cache(
-    config: ModelConfig,
-    kernel_of: KernelSource,
-    targets: Sequence[str],
-    directory: str | pathlib.Path,
-    *,
-    fingerprint: str,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = True,
-) -> pathlib.Path:
-    """Decomposes the target kernels not yet in `directory` and writes them there in fp32 (an
-    interrupted run resumes). Returns the directory.
-
-    Raises:
-        FingerprintError: the directory holds factors of another model.
-    """
-    directory = pathlib.Path(directory).expanduser().resolve()
-    _check_or_write_meta(directory, config, fingerprint)
-
-    def cached(layer: int, key: str) -> bool:
-        return (directory / hf_tensor_name(layer, key)).is_dir()
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        for layer, key, factor in _decompositions(
-            config, kernel_of, targets, mesh, progress, skip=cached
-        ):
-            checkpointer.save(directory / hf_tensor_name(layer, key), dataclasses.asdict(factor))
-        checkpointer.wait_until_finished()
-    return directory
-
-
-def load_factors(
-    directory: str | pathlib.Path,
-    config: ModelConfig,
-    targets: Sequence[str],
-    *,
-    fingerprint: str,
-    stacked: bool | None = None,
-    dtype: Any = jnp.float32,
-    mesh: jax.sharding.Mesh | None = None,
-) -> ModelFactors:
-    """Loads cached factors (see `decompose_to_cache`); arguments as for `decompose`.
-
-    Raises:
-        FingerprintError: the factors were computed for another model.
-        SVDError: no cache there, a target kernel is missing, or a factor has the wrong shape.
-    """
-    directory = pathlib.Path(directory).expanduser().resolve()
-    meta = _read_meta(directory)
-    if meta is None:
-        raise SVDError(f"no SVD factors in {directory}; run `t2jax decompose` first")
-    check_fingerprint(meta["fingerprint"], fingerprint, f"the SVD cache in {directory}")
-    factors = {}
-    with ocp.StandardCheckpointer() as checkpointer:
-        for layer in range(config.num_layers):
-            for key in resolve_targets(targets):
-                item = directory / hf_tensor_name(layer, key)
-                if not item.is_dir():
-                    raise SVDError(f"{item.name} is not in the SVD cache {directory}")
-                factor = Factor(**checkpointer.restore(item))
-                _check_factor_shapes(factor, kernel_shape(config, key), item.name)
-                factors[layer, key] = _cast(factor, dtype)
-    return _assemble(config, targets, factors, fingerprint, stacked, mesh)
-
-
-def cached_factors(
-    config: ModelConfig,
-    kernel_of: KernelSource,
-    targets: Sequence[str],
-    directory: str | pathlib.Path,
-    *,
-    fingerprint: str,
-    stacked: bool | None = None,
-    dtype: Any = jnp.float32,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = True,
-) -> ModelFactors:
-    """Factors from the cache in `directory`, decomposing (and caching) whatever is missing."""
-    decompose_to_cache(
-        config,
-        kernel_of,
-        targets,
-        directory,
-        fingerprint=fingerprint,
-        mesh=mesh,
-        progress=progress,
-    )
-    return load_factors(
-        directory,
-        config,
-        targets,
-        fingerprint=fingerprint,
-        stacked=stacked,
-        dtype=dtype,
-        mesh=mesh,
-    )
-
-
-def default_cache_root() -> pathlib.Path:
-    """Where factors are cached unless told otherwise: the user cache dir's `svd` folder."""
-    return pathlib.Path(platformdirs.user_cache_dir("t2jax")) / "svd"
-
-
-def checkpoint_factors(
-    checkpoint: Any,
-    targets: Sequence[str],
-    *,
-    cache_root: str | pathlib.Path | None = None,
-    stacked: bool | None = None,
-    dtype: Any = jnp.float32,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = True,
-) -> ModelFactors:
-    """Factors of a `t2jax.checkpoints.Checkpoint`'s targets, read kernel by kernel from its lazy
-    tensors and cached under `cache_root / fingerprint` (default `default_cache_root()`)."""
-    model_fingerprint = fingerprint(checkpoint.config, checkpoint.tensors)
-    root = default_cache_root() if cache_root is None else pathlib.Path(cache_root)
-    return cached_factors(
-        checkpoint.config,
-        kernels_from_tensors(checkpoint.tensors),
-        targets,
-        root / model_fingerprint,
-        fingerprint=model_fingerprint,
-        stacked=stacked,
-        dtype=dtype,
-        mesh=mesh,
-        progress=progress,
-    )
-
-
-def _check_factor_shapes(factor: Factor, shape: tuple[int, int], name: str) -> None:
-    in_dim, out_dim = shape
-    rank = min(shape)
-    expected = {"a": (in_dim, rank), "s": (rank,), "b": (rank, out_dim)}
-    found = {part: np.shape(getattr(factor, part)) for part in expected}
-    if found != expected:
-        raise SVDError(f"cached factors of {name} have shapes {found}, expected {expected}")
-
-
-def _read_meta(directory: pathlib.Path) -> dict | None:
-    path = directory / "meta.json"
-    if not path.exists():
-        return None
-    meta = json.loads(path.read_text())
-    if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
-        raise SVDError(f"{path} is not a t2jax SVD cache of version {CACHE_VERSION}")
-    return meta
-
-
-def _check_or_write_meta(directory: pathlib.Path, config: ModelConfig, fingerprint: str) -> None:
-    meta = _read_meta(directory)
-    if meta is not None:
-        check_fingerprint(meta["fingerprint"], fingerprint, f"the SVD cache in {directory}")
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "config": dataclasses.asdict(config),
-    }
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------

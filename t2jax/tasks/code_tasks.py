@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import platformdirs
 
+from t2jax.files import write_text_atomically
 from t2jax.tasks import evalplus_rules as rules
 from t2jax.tasks._sandbox_codec import decode_value, encode_value
 from t2jax.tasks.base import TEMPLATE_CODE, Example, Score, Task
@@ -196,11 +197,10 @@ class CodeTask(Task):
             return {"outputs": decode_value(stored["outputs"]), "seconds": stored["seconds"]}
         entry = self._run_canonical(example, suite)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        temporary.write_text(
-            json.dumps({"outputs": encode_value(entry["outputs"]), "seconds": entry["seconds"]})
+        write_text_atomically(  # unique temporary: threads may race to fill the same entry
+            cache,
+            json.dumps({"outputs": encode_value(entry["outputs"]), "seconds": entry["seconds"]}),
         )
-        temporary.replace(cache)
         return entry
 
     def _run_canonical(self, example: Example, suite: str) -> dict[str, list]:
