@@ -1,4 +1,4 @@
-"""Train an SVF expert (thin absl entry point; all logic is in `t2jax.reinforce`).
+"""Train an SVF expert (thin absl entry point; all logic is in `t2jax.rl.trainer`).
 
     python experiments/train_svf.py \
         --config=experiments/configs/svf.py:model=qwen2.5-coder-0.5b-instruct,task=gsm8k \

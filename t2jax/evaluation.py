@@ -1,13 +1,19 @@
-"""Batched evaluation of a generator on a task: per-sample JSONL, a summary JSON and a markdown
-table (issue 4, "Evaluation command"; scoring as in spec §3.5).
+"""Scored runs on disk, one schema for evaluation, training and adaptation (issue 4, "Evaluation
+command"; scoring as in spec §3.5), and batched evaluation of a generator on a task.
+
+A run directory holds `samples.jsonl` (one record per item: id, prompt, output, any extra fields
+such as route / category / classification, then gold, extracted, correct, reward, reason;
+`sample_record`), `summary.json` (task, n, correct, accuracy, standard_error, seconds, config,
+plus extra fields; `run_summary`) and `summary.md` (a markdown table of the summary).
 
     from t2jax.evaluation import evaluate
-    summary = evaluate(task, task.load("test"), generate_fn, "runs/gsm8k", batch_size=32,
+    summary = evaluate(task, task.load("test"), generate_fn, "runs/gsm8k", rows_per_call=32,
                        tokenizer=tokenizer, config={"model": "smollm2-135m-instruct"})
 
-Records are appended to `samples.jsonl` (and flushed to disk) as each batch is scored, so a crash
-loses at most the batch in flight; running again with the same `out_dir` skips the ids already
-recorded (`resume=True`).
+`evaluate` appends records to `samples.jsonl` (and flushes them to disk) as each batch is scored,
+so a crash loses at most the batch in flight; running again with the same `out_dir` skips the ids
+already recorded (`resume=True`). Callers that score a whole run at once write it with
+`write_run`; `paired_comparison` compares two runs item by item.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from t2jax.tasks import Example, Task, render_prompt, reward_of
+from t2jax import files
+from t2jax.tasks import Example, Score, Task, render_prompt, reward_of
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -58,20 +65,25 @@ def read_records(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _sample_record(example: Example, prompt: str, output: str, score) -> dict[str, Any]:
-    return {
-        "id": example.id,
-        "prompt": prompt,
-        "output": output,
-        "gold": example.answer,
-        "extracted": score.extracted,
-        "correct": score.correct,
-        "reward": reward_of(score),
-        "reason": score.reason,
-    }
+def sample_record(
+    example: Example, prompt: str, output: str, score: Score | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The record of one item: id, prompt, output, the `extra` fields, then (when scored) gold,
+    extracted, correct, reward (`t2jax.tasks.reward_of`) and reason."""
+    record = {"id": example.id, "prompt": prompt, "output": output, **extra}
+    if score is not None:
+        record.update(
+            gold=example.answer,
+            extracted=score.extracted,
+            correct=score.correct,
+            reward=reward_of(score),
+            reason=score.reason,
+        )
+    return record
 
 
-def _append(path: pathlib.Path, records: list[dict[str, Any]]):
+def append_records(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Appends records as JSON lines and flushes them to disk before returning."""
     with open(path, "a", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -79,17 +91,34 @@ def _append(path: pathlib.Path, records: list[dict[str, Any]]):
         os.fsync(handle.fileno())
 
 
-def _summary(task: Task, records: list[dict[str, Any]], config: Mapping[str, Any], seconds: float):
+def score_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """correct, accuracy and its standard error over scored records."""
     correct = sum(bool(record["correct"]) for record in records)
     total = len(records)
     return {
-        "task": task.name,
-        "n": total,
         "correct": correct,
         "accuracy": correct / total if total else 0.0,
         "standard_error": standard_error(correct, total),
+    }
+
+
+def run_summary(
+    task_name: str,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    seconds: float,
+    config: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The summary of a scored run: task, n, correct, accuracy, standard_error, seconds, config,
+    then the `extra` fields."""
+    return {
+        "task": task_name,
+        "n": len(records),
+        **score_summary(records),
         "seconds": seconds,
-        "config": dict(config),
+        "config": dict(config or {}),
+        **extra,
     }
 
 
@@ -120,7 +149,7 @@ def evaluate(
     examples: Sequence[Example],
     generate_fn: GenerateFn,
     out_dir: str | os.PathLike,
-    batch_size: int = 16,
+    rows_per_call: int = 16,
     *,
     prompt_fn: Callable[[Example], str] | None = None,
     tokenizer: Any = None,
@@ -137,7 +166,7 @@ def evaluate(
         generate_fn: maps a list of prompts to a list of completions (the text after the prompt,
             without the stop string), e.g. a wrapper around the t2jax sampler.
         out_dir: directory for `samples.jsonl`, `summary.json` and `summary.md` (created).
-        batch_size: prompts per `generate_fn` call.
+        rows_per_call: prompts per `generate_fn` call.
         prompt_fn: renders an example into a prompt; by default
             `render_prompt(task, example, tokenizer, official_quirks)`.
         tokenizer: needed when `prompt_fn` is not given.
@@ -157,8 +186,8 @@ def evaluate(
         def prompt_fn(example: Example) -> str:
             return render_prompt(task, example, tokenizer, official_quirks)
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if rows_per_call < 1:
+        raise ValueError(f"rows_per_call must be positive, got {rows_per_call}")
     ids = [example.id for example in examples]
     if len(set(ids)) != len(ids):
         raise ValueError("example ids must be unique")
@@ -175,29 +204,87 @@ def evaluate(
     with tqdm(
         total=len(examples), initial=len(done), desc=task.name, disable=not show_progress
     ) as bar:
-        for offset in range(0, len(pending), batch_size):
-            batch = pending[offset : offset + batch_size]
+        for offset in range(0, len(pending), rows_per_call):
+            batch = pending[offset : offset + rows_per_call]
             prompts = [prompt_fn(example) for example in batch]
             outputs = list(generate_fn(prompts))
             if len(outputs) != len(batch):
                 raise ValueError(f"generate_fn returned {len(outputs)} outputs for {len(batch)}")
             scores = task.score_batch(batch, outputs)
             records = [
-                _sample_record(example, prompt, output, score)
+                sample_record(example, prompt, output, score)
                 for example, prompt, output, score in zip(
                     batch, prompts, outputs, scores, strict=True
                 )
             ]
-            _append(samples_path, records)
+            append_records(samples_path, records)
             done.update((record["id"], record) for record in records)
             correct += sum(record["correct"] for record in records)
             bar.update(len(batch))
             bar.set_postfix(acc=f"{correct / len(done):.3f}")
     ordered = [done[i] for i in ids]
-    summary = _summary(task, ordered, config or {}, time.monotonic() - start)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    (out / TABLE_FILE).write_text(markdown_table(summary))
+    summary = run_summary(task.name, ordered, seconds=time.monotonic() - start, config=config)
+    write_summary(out, summary)
     return summary
+
+
+def write_summary(
+    out_dir: str | os.PathLike,
+    summary: Mapping[str, Any],
+    table: Callable[[Mapping[str, Any]], str] = markdown_table,
+) -> None:
+    """Writes summary.json and summary.md (`table(summary)`) to `out_dir`, each atomically."""
+    out = pathlib.Path(out_dir)
+    files.write_text_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    files.write_text_atomically(out / TABLE_FILE, table(summary))
+
+
+def write_run(
+    out_dir: str | os.PathLike,
+    records: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    table: Callable[[Mapping[str, Any]], str] = markdown_table,
+) -> None:
+    """Writes a whole scored run to `out_dir` (created): samples.jsonl (atomically replacing any
+    earlier records), then summary.json and summary.md (see `write_summary`)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_atomically(out / SAMPLES_FILE, lambda temporary: append_records(temporary, records))
+    write_summary(out, summary, table)
+
+
+def paired_comparison(
+    base_dir: str | os.PathLike, other_dir: str | os.PathLike
+) -> dict[str, float] | None:
+    """Accuracy difference (other - base) on the items two runs' records share, with the standard
+    error of the paired per-item difference, and both accuracies counting only completions with an
+    extracted answer (no fallback guesses); None when the records are missing (e.g. on processes
+    that do not write)."""
+    base = read_records(pathlib.Path(base_dir) / SAMPLES_FILE)
+    other = read_records(pathlib.Path(other_dir) / SAMPLES_FILE)
+    shared = sorted(set(base) & set(other))
+    if not shared:
+        return None
+    differences = np.asarray(
+        [float(other[i]["correct"]) - float(base[i]["correct"]) for i in shared]
+    )
+
+    def answered_accuracy(records):
+        return float(
+            np.mean([records[i]["correct"] and records[i]["extracted"] is not None for i in shared])
+        )
+
+    return {
+        "n": len(shared),
+        "base_accuracy": float(np.mean([base[i]["correct"] for i in shared])),
+        "accuracy": float(np.mean([other[i]["correct"] for i in shared])),
+        "base_answered_accuracy": answered_accuracy(base),
+        "answered_accuracy": answered_accuracy(other),
+        "difference": float(differences.mean()),
+        "difference_standard_error": float(differences.std(ddof=1) / math.sqrt(len(shared)))
+        if len(shared) > 1
+        else 0.0,
+    }
 
 
 def evaluate_model(

@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from t2jax import files
+
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -48,9 +50,7 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
     if not path.exists():
         return
     kept = [record for record in read_metrics(path) if record["step"] <= last_step]
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(temporary, path)
+    files.write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 class MetricsLogger:

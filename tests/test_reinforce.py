@@ -15,14 +15,17 @@ import tiny
 from t2jax import model as model_lib
 from t2jax import padding, parallel
 from t2jax.config import MeshConfig
-from t2jax.rl import trainer as reinforce
+from t2jax.rl import batch as rl_batch
+from t2jax.rl import loss as rl_loss
 from t2jax.rl.config import RLConfig, SVFSection
+from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
-from t2jax.svf import factors as svd
-from t2jax.tasks import Score
+from t2jax.svf import factors as svf_factors
+from t2jax.svf import targets as svf_targets
+from t2jax.tasks import Score, reward_of
 
 CONFIG = svf_tiny.CONFIG
-TARGETS = svd.TARGET_SETS["mlp"]
+TARGETS = svf_targets.TARGET_SETS["mlp"]
 SVF = SVFSection()
 RL = RLConfig(lr=1e-2, max_grad_norm=1.0, logprob_chunk=8)
 
@@ -39,7 +42,7 @@ def _frozen(mesh=None, stacked=False):
     weights = model_lib.weights_from_hf(
         CONFIG, tensors, stacked=stacked, skip=lambda key: key in TARGETS, place=place
     )
-    fingerprint = svd.fingerprint(CONFIG, tensors)
+    fingerprint = svf_cache.fingerprint(CONFIG, tensors)
     factors = svf_tiny.factors(tensors, fingerprint, TARGETS, stacked=stacked, mesh=mesh)
     return weights, factors
 
@@ -68,14 +71,14 @@ def _batch(advantages, seed=0, rows=8):
     """A batch of len(advantages) random sequences padded to `rows` rows (one shape to compile)."""
     advantages = np.asarray(advantages, np.float32)
     sequences = _sequences(len(advantages), seed)
-    host = reinforce.assemble_batch(sequences, advantages, chunk=RL.logprob_chunk, rows=rows)
+    host = rl_batch.assemble_batch(sequences, advantages, chunk=RL.logprob_chunk, rows=rows)
     return jax.tree.map(jnp.asarray, host), sequences
 
 
 def _gradients(frozen, params, batch, rl=RL, num_microbatches=1):
     weights, factors = frozen
-    options = reinforce.LossOptions.from_config(SVF, rl)
-    return reinforce.compute_gradients(
+    options = rl_loss.LossOptions.from_config(SVF, rl)
+    return rl_loss.compute_gradients(
         CONFIG, options, params, weights, factors, batch, num_microbatches
     )
 
@@ -83,7 +86,7 @@ def _gradients(frozen, params, batch, rl=RL, num_microbatches=1):
 @jax.jit
 def _full_log_probs(weights, factors, params, tokens):
     """[B, T, V] log-probs of right-padded rows (causal attention never sees the pads)."""
-    svf = svd.svf_from_factors(factors, svf_lib.z_of(params, SVF.parametrization))
+    svf = svf_factors.svf_from_factors(factors, svf_lib.z_of(params, SVF.parametrization))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = jnp.ones_like(tokens, bool)
     hidden, _ = model_lib.forward(CONFIG, weights, tokens, positions, mask, svf=svf)
@@ -131,12 +134,12 @@ def test_zero_rewards_give_a_zero_gradient(frozen):
 def test_one_step_moves_the_log_likelihood_with_the_reward(frozen, reward):
     weights, factors = frozen
     params = _params(factors)
-    state = reinforce.init_state(params, RL)
+    state = rl_loss.init_state(params, RL)
     batch, _ = _batch([reward], seed=3)
     _, before = _gradients(frozen, params, batch)
 
-    options = reinforce.LossOptions.from_config(SVF, RL)
-    state, _ = reinforce.train_step(CONFIG, options, RL, state, weights, factors, batch)
+    options = rl_loss.LossOptions.from_config(SVF, RL)
+    state, _ = rl_loss.train_step(CONFIG, options, RL, state, weights, factors, batch)
     _, after = _gradients(frozen, state.params, batch)
 
     change = float(after["log_likelihood"] - before["log_likelihood"])
@@ -184,15 +187,13 @@ def test_eight_device_step_equals_one_device_step():
         mesh = parallel.make_mesh(mesh_config, jax.devices()[:devices] if devices else None)
         weights, factors = _frozen(mesh)
         params = jax.device_put(_params(factors), parallel.replicated(mesh))
-        host = reinforce.assemble_batch(
+        host = rl_batch.assemble_batch(
             _sequences(8), np.asarray(advantages, np.float32), chunk=rl.logprob_chunk, rows=8
         )
-        batch = reinforce.place_batch(host, mesh)
-        state = reinforce.init_state(params, rl)
-        options = reinforce.LossOptions.from_config(SVF, rl)
-        state, metrics = reinforce.train_step(
-            CONFIG, options, rl, state, weights, factors, batch, 2
-        )
+        batch = rl_batch.place_batch(host, mesh)
+        state = rl_loss.init_state(params, rl)
+        options = rl_loss.LossOptions.from_config(SVF, rl)
+        state, metrics = rl_loss.train_step(CONFIG, options, rl, state, weights, factors, batch, 2)
         results.append((state, metrics, weights, batch))
 
     (sharded, sharded_metrics, weights, batch), (single, single_metrics, _, _) = results
@@ -211,10 +212,10 @@ def test_eight_device_step_equals_one_device_step():
 
 def test_advantages():
     rewards = np.asarray([1.0, -1.0, -1.0, -1.0, 1.0, 1.0])
-    np.testing.assert_array_equal(reinforce.compute_advantages(rewards, 3, "none"), rewards)
-    normalized = reinforce.compute_advantages(rewards, 3, "normalize")
+    np.testing.assert_array_equal(rl_batch.compute_advantages(rewards, 3, "none"), rewards)
+    normalized = rl_batch.compute_advantages(rewards, 3, "normalize")
     assert abs(normalized.mean()) < 1e-6 and abs(normalized.std() - 1.0) < 1e-4
-    loo = reinforce.compute_advantages(rewards, 3, "leave_one_out")
+    loo = rl_batch.compute_advantages(rewards, 3, "leave_one_out")
     np.testing.assert_allclose(loo, [2.0, -1.0, -1.0, -2.0, 1.0, 1.0])
 
 
@@ -224,17 +225,17 @@ def test_rewards_can_deny_credit_to_fallback_guesses():
         Score(True, None, "no letter found; seeded guess A, gold A"),
         Score(False, "C", "answer C, gold D"),
     ]
-    np.testing.assert_array_equal(reinforce.rewards_of(scores, -1.0, False), [1.0, 1.0, -1.0])
-    np.testing.assert_allclose(reinforce.rewards_of(scores, -0.1, True), [1.0, -0.1, -0.1])
+    assert [reward_of(score) for score in scores] == [1.0, 1.0, -1.0]
+    assert [reward_of(score, -0.1, True) for score in scores] == [1.0, -0.1, -0.1]
 
 
 def test_batch_schedule_is_the_official_draw_without_replacement():
-    schedule = reinforce.batch_schedule(50, 8, 4, seed=42)
+    schedule = rl_batch.batch_schedule(50, 8, 4, seed=42)
     rng = np.random.RandomState(42)
     for row in schedule:
         np.testing.assert_array_equal(row, rng.choice(50, 8, replace=False))
         assert len(set(row.tolist())) == 8
-    assert reinforce.batch_schedule(5, 8, 2, seed=42).shape == (2, 5)  # capped at the data
+    assert rl_batch.batch_schedule(5, 8, 2, seed=42).shape == (2, 5)  # capped at the data
 
 
 def test_completion_tokens_retokenized_or_sampled_exclude_stop_text():
@@ -245,12 +246,10 @@ def test_completion_tokens_retokenized_or_sampled_exclude_stop_text():
     sampled = tokenizer.encode(completion + " Response: more", add_special_tokens=False)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
 
-    retokenized, start = reinforce.sequence_tokens(
+    retokenized, start = rl_batch.sequence_tokens(
         tokenizer, prompt, completion, sampled, "retokenize"
     )
-    exact, exact_start = reinforce.sequence_tokens(
-        tokenizer, prompt, completion, sampled, "sampled"
-    )
+    exact, exact_start = rl_batch.sequence_tokens(tokenizer, prompt, completion, sampled, "sampled")
 
     assert start == exact_start == len(prompt_ids)
     assert retokenized == tokenizer.encode(prompt + completion, add_special_tokens=False)
@@ -260,7 +259,7 @@ def test_completion_tokens_retokenized_or_sampled_exclude_stop_text():
 
 def test_batch_layout_masks_only_completion_tokens():
     sequences = [([5, 6, 7, 8, 9], 3), ([1, 2], 1)]
-    batch = reinforce.assemble_batch(sequences, np.asarray([1.0, -1.0]), chunk=4, rows=4)
+    batch = rl_batch.assemble_batch(sequences, np.asarray([1.0, -1.0]), chunk=4, rows=4)
 
     assert batch.tokens.shape == (4, 8)  # 5 tokens -> 2 chunks of 4 -> power of two
     np.testing.assert_array_equal(batch.tokens[0, 3:], [5, 6, 7, 8, 9])
@@ -270,8 +269,8 @@ def test_batch_layout_masks_only_completion_tokens():
     np.testing.assert_array_equal(batch.advantages, [1.0, -1.0, 0.0, 0.0])
     lengths = [padding.chunked_length(n, 4) for n in (1, 4, 5, 9, 12, 13, 17, 25, 33, 49)]
     assert lengths == [4, 4, 8, 12, 12, 16, 24, 32, 48, 64]
-    assert reinforce.microbatch_layout(10, 3, 2) == (12, 3)  # microbatches of 4 rows
-    assert reinforce.microbatch_layout(10, None, 8) == (16, 1)
+    assert rl_batch.microbatch_layout(10, 3, 2) == (12, 3)  # microbatches of 4 rows
+    assert rl_batch.microbatch_layout(10, None, 8) == (16, 1)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw_cosine"])
@@ -279,7 +278,7 @@ def test_optimizers(optimizer):
     rl = RLConfig(lr=0.1, max_grad_norm=1e-3, optimizer=optimizer, num_iters=10, weight_decay=0.0)
     params = {"mlp.up_proj": jnp.zeros((2, 3))}
     grads = {"mlp.up_proj": jnp.full((2, 3), 5.0)}
-    transform = reinforce.make_optimizer(rl)
+    transform = rl_loss.make_optimizer(rl)
     opt_state = transform.init(params)
     sizes = []
     for _ in range(rl.num_iters):
@@ -300,10 +299,10 @@ def test_remat_keeps_the_gradient_and_lowers_its_memory(stacked):
     num_rows = jnp.asarray(4.0)
 
     def compiled_gradient(remat):
-        options = reinforce.LossOptions.from_config(SVF, dataclasses.replace(RL, remat=remat))
+        options = rl_loss.LossOptions.from_config(SVF, dataclasses.replace(RL, remat=remat))
 
         def loss(params):
-            return reinforce.microbatch_loss(
+            return rl_loss.microbatch_loss(
                 params, CONFIG, options, weights, factors, batch, num_rows
             )[0]
 

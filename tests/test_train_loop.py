@@ -19,10 +19,12 @@ import safetensors.numpy
 import svf_tiny
 import tiny
 
+from t2jax import configuration
 from t2jax.cli import app as cli
 from t2jax.config import ConfigError
 from t2jax.rl import config as rl_config
-from t2jax.rl import trainer as reinforce
+from t2jax.rl import trainer
+from t2jax.rl.setup import load_splits
 from t2jax.svf import experts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -129,8 +131,10 @@ def _comparable(records):
 
 def test_killed_run_resumes_to_the_same_expert_and_metrics(model_dir, tmp_path):
     extra = {"rl.num_iters": 6, "rl.eval_every": 2}
-    complete = rl_config.resolve_config(CONFIG_SPEC, _overrides(model_dir, tmp_path / "a", **extra))
-    killed = rl_config.with_overrides(complete, {"run.workdir": str(tmp_path / "b")})
+    complete = configuration.resolve_config(
+        rl_config.TrainConfig, CONFIG_SPEC, _overrides(model_dir, tmp_path / "a", **extra)
+    )
+    killed = configuration.with_overrides(complete, {"run.workdir": str(tmp_path / "b")})
     command = [
         sys.executable,
         str(REPO / "experiments" / "train_svf.py"),
@@ -141,8 +145,8 @@ def test_killed_run_resumes_to_the_same_expert_and_metrics(model_dir, tmp_path):
     reached = _kill_after_checkpoint(command, dict(os.environ), tmp_path / "b", step=3)
     assert 3 <= reached < 6 and not (tmp_path / "b" / "summary.json").exists()
     assert experts.load_expert(tmp_path / "b" / "latest_expert.safetensors").targets  # usable
-    uninterrupted = reinforce.train(complete)
-    resumed = reinforce.train(killed)
+    uninterrupted = trainer.train(complete)
+    resumed = trainer.train(killed)
 
     final = experts.load_expert(tmp_path / "a" / "final_expert.safetensors").params
     latest = experts.load_expert(tmp_path / "a" / "latest_expert.safetensors").params
@@ -162,23 +166,23 @@ def test_killed_run_resumes_to_the_same_expert_and_metrics(model_dir, tmp_path):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=1e-5, atol=1e-6)
 
-    again = reinforce.train(complete)  # a finished run only re-exports and re-summarizes
+    again = trainer.train(complete)  # a finished run only re-exports and re-summarizes
     assert again["steps"] == 6 and again["best_step"] == uninterrupted["best_step"]
-    changed = rl_config.with_overrides(complete, {"rl.lr": 0.01})  # same workdir, other config
+    changed = configuration.with_overrides(complete, {"rl.lr": 0.01})  # same workdir, other config
     with pytest.raises(ConfigError, match="different rl config"):
-        reinforce.train(changed)
+        trainer.train(changed)
 
 
 def test_load_splits_limits_and_seeded_valid_sample():
     section = rl_config.TaskSection(name="synthetic_letter", train_limit=10, eval_train_limit=4)
-    task, train, eval_train, valid, test = reinforce.load_splits(section)
+    task, train, eval_train, valid, test = load_splits(section)
     all_valid = task.load("valid", None)
     assert len(train) == 10 and eval_train == train[:4] and test == []
     assert valid == all_valid
 
     sampled = dataclasses.replace(section, valid_sample=8, test_split="test", test_limit=3)
-    _, _, _, valid, test = reinforce.load_splits(sampled)
+    _, _, _, valid, test = load_splits(sampled)
     assert len(valid) == 8 and valid != all_valid[:8] and len(test) == 3
     positions = [all_valid.index(example) for example in valid]
     assert positions == sorted(positions)  # split order kept
-    assert valid == reinforce.load_splits(sampled)[3]  # seeded
+    assert valid == load_splits(sampled)[3]  # seeded

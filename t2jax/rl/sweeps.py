@@ -28,7 +28,9 @@ from typing import Any
 
 from t2jax import parallel
 from t2jax.config import ConfigError
-from t2jax.rl.config import TrainConfig, load_python_file, resolve_config
+from t2jax.configuration import load_python_file, resolve_config
+from t2jax.files import write_text_atomically
+from t2jax.rl.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def expand(entries: Sequence[Mapping[str, Any]], root: str | os.PathLike) -> lis
 
 def run_config(config_spec: str, run: Run) -> TrainConfig:
     """The resolved config of a run (the sweep's config file, the run's overrides, its workdir)."""
-    return resolve_config(config_spec, {**run.overrides, "run.workdir": run.workdir})
+    return resolve_config(TrainConfig, config_spec, {**run.overrides, "run.workdir": run.workdir})
 
 
 def command_line(config_spec: str, run: Run) -> str:
@@ -172,9 +174,7 @@ def write_manifest(
             record["error"] = errors[run.name]
         lines.append(json.dumps(record, sort_keys=True))
     path = root / MANIFEST_FILE
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -192,7 +192,7 @@ def run_sweep(
         sweep_file: the sweep module.
         root: directory of the runs and the manifest.
         dry_run: only validate every run's config and write the manifest.
-        train_fn: what runs a config (default `t2jax.reinforce.train`).
+        train_fn: what runs a config (default `t2jax.rl.trainer.train`).
 
     Returns:
         The manifest records.

@@ -137,6 +137,17 @@ class Task(abc.ABC):
         return reward_of(self.score(example, completion))
 
 
-def reward_of(score: Score) -> float:
-    """Maps a score to the official unitary reward (+1 correct, -1 otherwise; spec §2.1)."""
-    return 1.0 if score.correct else -1.0
+def reward_of(
+    score: Score, incorrect_reward: float = -1.0, require_extracted_answer: bool = False
+) -> float:
+    """The reward of a scored completion: +1 when correct, `incorrect_reward` otherwise (the
+    official unitary reward +1 / -1 by default; spec §2.1).
+
+    With `require_extracted_answer`, a completion the scorer found no answer in earns no credit
+    even when its fallback counts it correct (ARC scores an answerless completion by a fixed
+    "random guess", A for four options, which RL otherwise learns to exploit by answering
+    nothing).
+    """
+    if score.correct and (score.extracted is not None or not require_extracted_answer):
+        return 1.0
+    return incorrect_reward

@@ -1,4 +1,4 @@
-"""`t2jax.evaluate.evaluate` with fake generators: records, summary, table, resume."""
+"""`t2jax.evaluation.evaluate` with fake generators: records, summary, table, resume."""
 
 import json
 import math
@@ -38,7 +38,7 @@ def test_records_summary_and_table(tmp_path, capsys):
         examples,
         oracle_for(examples),
         tmp_path,
-        batch_size=3,
+        rows_per_call=3,
         prompt_fn=lambda example: example.question,
         config={"model": "fake"},
     )

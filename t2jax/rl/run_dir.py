@@ -1,0 +1,106 @@
+"""The files of a training run directory besides its metrics and checkpoints: the resolved config
+and provenance, the exported experts, the learning curve and the summary.
+
+Only the main process writes (`RunDirectory` methods do nothing on the others). A resumed run must
+have the config it started with, except where files are and how devices are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+
+from t2jax import files, parallel
+from t2jax import metrics as metrics_lib
+from t2jax.config import ConfigError
+from t2jax.configuration import to_dict
+from t2jax.rl.config import TrainConfig
+from t2jax.svf import core as svf_lib
+from t2jax.svf import experts as experts_lib
+
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run_info.json"
+SUMMARY_FILE = "summary.json"
+BEST_EXPERT_FILE = "best_expert.safetensors"
+FINAL_EXPERT_FILE = "final_expert.safetensors"
+# Rewritten at every checkpoint: usable while a run is going or after it was stopped.
+LATEST_EXPERT_FILE = "latest_expert.safetensors"
+# Config fields that only say where files are and how devices are used: a run may resume on
+# another machine with its data and SVD cache elsewhere, and another mesh.
+LOCATION_FIELDS = ("data_dir", "cache_dir", "mesh")
+
+
+class RunDirectory:
+    """The run directory `workdir` (created by the main process).
+
+    Args:
+        workdir: the run directory.
+        is_main: whether this process writes.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, is_main: bool):
+        self.path = pathlib.Path(workdir)
+        self.is_main = is_main
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+        """Writes config.json and run_info.json, after checking that a resumed run has the same
+        config.
+
+        Raises:
+            ConfigError: the directory holds a run with another model, task, svf or rl config.
+        """
+        if not self.is_main:
+            return
+        resolved = to_dict(config)
+        path = self.path / CONFIG_FILE
+        if path.exists():
+            previous = json.loads(path.read_text())
+            for section in ("model", "task", "svf", "rl"):
+                if _without_locations(previous.get(section)) != _without_locations(
+                    resolved[section]
+                ):
+                    raise ConfigError(
+                        f"{self.path} holds a run with a different {section} config; resume it "
+                        f"with the same config or use another run.workdir"
+                    )
+        files.write_json_atomically(path, resolved)
+        files.write_json_atomically(self.path / RUN_INFO_FILE, metrics_lib.run_info(mesh))
+
+    def export(
+        self,
+        params: svf_lib.SVFParams,
+        filename: str,
+        parametrization: svf_lib.Parametrization,
+        fingerprint: str,
+    ) -> None:
+        """Writes params as a portable expert file (atomic replace)."""
+        if not self.is_main:
+            return
+        expert = experts_lib.expert_from_params(
+            jax.tree.map(parallel.host_array, params), parametrization, fingerprint=fingerprint
+        )
+        experts_lib.save_expert(expert, self.path / filename)
+
+    def finish(self, summary: dict[str, Any], best_step: int | None, title: str) -> None:
+        """Plots the learning curve from metrics.jsonl, then writes summary.json (last: the run is
+        finished)."""
+        if not self.is_main:
+            return
+        records = metrics_lib.read_metrics(self.path / metrics_lib.METRICS_FILE)
+        metrics_lib.plot_learning_curve(
+            records, self.path / metrics_lib.CURVE_FILE, best_step=best_step, title=title
+        )
+        files.write_json_atomically(self.path / SUMMARY_FILE, summary)
+
+
+def _without_locations(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config section without its `LOCATION_FIELDS`."""
+    if section is None:
+        return None
+    return {key: value for key, value in section.items() if key not in LOCATION_FIELDS}
