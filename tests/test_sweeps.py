@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from t2jax import configuration
 from t2jax.cli import app as cli
 from t2jax.cli import train as train_cli
 from t2jax.config import ConfigError
@@ -21,8 +22,12 @@ CONFIG_FILE = REPO / "experiments" / "configs" / "svf.py"
 
 
 def test_config_file_arguments_and_presets():
-    official = rl_config.resolve_config(f"{CONFIG_FILE}:model=my-model,task=arc_easy")
-    cpu = rl_config.resolve_config(f"{CONFIG_FILE}:task=arc_easy,preset=cpu")
+    official = configuration.resolve_config(
+        rl_config.TrainConfig, f"{CONFIG_FILE}:model=my-model,task=arc_easy"
+    )
+    cpu = configuration.resolve_config(
+        rl_config.TrainConfig, f"{CONFIG_FILE}:task=arc_easy,preset=cpu"
+    )
 
     assert official.model.name == "my-model" and official.task.name == "arc_easy"
     assert official.rl == rl_config.RLConfig()  # the official recipe
@@ -31,13 +36,13 @@ def test_config_file_arguments_and_presets():
     assert cpu.rl.batch_size == 32 and cpu.task.max_new_tokens == 128
     assert cpu.run.workdir == "runs/svf/arc_easy-smollm2-135m-instruct-cpu"
     with pytest.raises(ValueError, match="unknown config argument"):
-        rl_config.load_config_file(f"{CONFIG_FILE}:modle=x")
+        configuration.load_config_file(f"{CONFIG_FILE}:modle=x")
     with pytest.raises(ConfigError, match="does not exist"):
-        rl_config.load_config_file("nowhere.py:task=gsm8k")
+        configuration.load_config_file("nowhere.py:task=gsm8k")
 
 
 def test_dotted_overrides_are_typed_and_validated():
-    config = rl_config.with_overrides(
+    config = configuration.with_overrides(
         rl_config.TrainConfig(),
         {
             "rl.lr": "1e-3",
@@ -52,7 +57,7 @@ def test_dotted_overrides_are_typed_and_validated():
     assert config.rl.lr == 1e-3 and config.rl.microbatch_size == 16
     assert config.task.valid_limit is None and config.rl.length_normalize is True
     assert config.model.mesh.shape == (2, 4, 1) and config.svf.parametrization.kind == "plain"
-    assert rl_config.from_dict(rl_config.TrainConfig, rl_config.to_dict(config)) == config
+    assert configuration.from_dict(rl_config.TrainConfig, configuration.to_dict(config)) == config
     for overrides, message in (
         ({"rl.lrr": "1e-3"}, "unknown config key 'rl.lrr'"),
         ({"rl.lr": "fast"}, "rl.lr must be float"),
@@ -65,7 +70,7 @@ def test_dotted_overrides_are_typed_and_validated():
         ({"task.valid_limit": "5", "task.valid_sample": "5"}, "exclude each other"),
     ):
         with pytest.raises(ConfigError, match=message):
-            rl_config.with_overrides(rl_config.TrainConfig(), overrides)
+            configuration.with_overrides(rl_config.TrainConfig(), overrides)
 
 
 def test_absl_config_flags_parse_the_same_overrides(monkeypatch):
@@ -81,11 +86,11 @@ def test_absl_config_flags_parse_the_same_overrides(monkeypatch):
     holder = config_flags.DEFINE_config_file("config", flag_values=values)
     values(argv)
 
-    config = rl_config.from_config_dict(holder.value)
+    config = configuration.from_config_dict(rl_config.TrainConfig, holder.value)
 
     expected = {"rl.lr": 1e-3, "task.valid_limit": 50, "model.mesh.shape": (2, 4, 1)}
-    assert config == rl_config.with_overrides(
-        rl_config.resolve_config(f"{CONFIG_FILE}:task=gsm8k"), expected
+    assert config == configuration.with_overrides(
+        configuration.resolve_config(rl_config.TrainConfig, f"{CONFIG_FILE}:task=gsm8k"), expected
     )
 
 
@@ -108,7 +113,7 @@ def test_train_command_line_options_cover_every_config_leaf():
         "task.test_split": "test",
     }
     help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
-    for path in rl_config.leaf_types():
+    for path in configuration.leaf_types(rl_config.TrainConfig):
         assert f"--config.{path}" in help_text
 
 
@@ -137,7 +142,7 @@ def test_grid_and_deterministic_run_names():
 def _write_sweep(directory: pathlib.Path) -> pathlib.Path:
     path = directory / "lr_sweep.py"
     path.write_text(
-        "from t2jax.sweeps import grid\n"
+        "from t2jax.rl.sweeps import grid\n"
         f"CONFIG = {str(CONFIG_FILE) + ':task=gsm8k'!r}\n"
         "def sweep():\n"
         "    return grid({'rl.lr': [0.001, 0.002, 0.003]})\n"
@@ -183,7 +188,9 @@ def test_manifest_commands_reproduce_each_run_config(tmp_path):
         argv = shlex.split(record["command"])
         assert argv[:2] == ["t2jax", "train"]
         args = cli.build_parser().parse_args(argv[1:])
-        from_command = rl_config.resolve_config(args.config, train_cli.overrides_from_args(args))
+        from_command = configuration.resolve_config(
+            rl_config.TrainConfig, args.config, train_cli.overrides_from_args(args)
+        )
         assert from_command == sweeps.run_config(spec, run)
 
 
