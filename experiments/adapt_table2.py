@@ -1,6 +1,7 @@
 """The paper's Table 2 on subsets: base / prompt / cls-expert / few-shot on MATH, HumanEval and
 ARC-Challenge, with Table 3 (pass timings of the prompt strategy), the dispatch confusion
-matrices (Fig. 6) and the learned alpha (Fig. 7). All logic is in `t2jax.adapt` and `t2jax.reports`.
+matrices (Fig. 6) and the learned alpha (Fig. 7). All logic is in `t2jax.adaptation` and
+`t2jax.reports`.
 
 Every method answers the same items of each test split: the first --limit of those left after
 the official few-shot shots (seeds 27 / 16 / 38), the items the few-shot strategy reports on.
@@ -22,7 +23,9 @@ import pathlib
 
 from t2jax import reports
 from t2jax.adaptation import pipeline as adapt
-from t2jax.cli import adapt as adapt_cli
+from t2jax.adaptation.config import AdaptOptions, add_few_shot_arguments, few_shot_config
+from t2jax.adaptation.dispatch import dispatch_confusion
+from t2jax.adaptation.expert_model import ExpertModel, build_expert_model, parse_expert_paths
 from t2jax.loading import load_model
 from t2jax.svf import experts as experts_lib
 from t2jax.tasks import get_task
@@ -52,7 +55,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="only rebuild the tables and plots from the finished cells; run nothing",
     )
-    adapt_cli.add_few_shot_arguments(parser.add_argument_group("few-shot CEM"))
+    add_few_shot_arguments(parser.add_argument_group("few-shot CEM"))
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(reports.METHODS))
@@ -64,7 +67,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def read_cell(cell_dir: pathlib.Path) -> tuple[list[dict], dict]:
-    """The records and summary a finished cell wrote (`adapt_cli.write_run`)."""
+    """The records and summary a finished cell wrote (`adapt.write_run`)."""
     summary = json.loads((cell_dir / "summary.json").read_text())
     return read_jsonl(cell_dir / "samples.jsonl"), summary
 
@@ -84,7 +87,7 @@ def write_reports(
         (out / "table3.md").write_text(timing)
         print(timing)
     confusions = {
-        reports.METHOD_TITLES[method]: adapt.dispatch_confusion(
+        reports.METHOD_TITLES[method]: dispatch_confusion(
             {task: [r["category"] for r in rows] for task, rows in records[method].items()}
         )
         for method in DISPATCH_METHODS
@@ -101,7 +104,7 @@ def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathl
     """Runs one method on one task's reported items and writes the cell's files."""
     task = get_task(task_name)
     items = task.load("test", data_dir=args.data_dir)
-    options = adapt.AdaptOptions(
+    options = AdaptOptions(
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,
         stop_strings=tuple(task.stop_strings),
         rows_per_call=args.rows_per_call,
@@ -111,13 +114,13 @@ def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathl
     run = adapt.evaluate_method(
         model, method, task, items, options, limit=args.limit, progress=True
     )
-    adapt_cli.write_run(cell_dir, *adapt.score_run(run, task))
+    adapt.write_run(cell_dir, run, task)
 
 
 def main() -> None:
     args = parse_args()
-    paths = adapt_cli.parse_expert_paths(args.experts)
-    few_shot = adapt_cli.few_shot_config(args)
+    paths = parse_expert_paths(args.experts)
+    few_shot = few_shot_config(args)
     out = pathlib.Path(args.out)
     model = None  # loaded when the first cell has to run
     records: dict[str, dict[str, list[dict]]] = {}
@@ -143,12 +146,12 @@ def main() -> None:
     write_reports(out, args.model, tuple(paths), records, summaries)
 
 
-def load_expert_model(args, paths: dict[str, str]) -> adapt.ExpertModel:
+def load_expert_model(args, paths: dict[str, str]) -> ExpertModel:
     """The model with its experts (and the classifier, when given)."""
     experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
     classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
     loaded = load_model(args.model)
-    return adapt.build_expert_model(loaded, experts, classifier, cache_root=args.cache_dir)
+    return build_expert_model(loaded, experts, classifier, cache_root=args.cache_dir)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def table2(results: Mapping[str, Mapping[str, Mapping[str, Any]]], model: str) -
 
     Args:
         results: method ("base", "prompt", "cls", "fewshot") -> task -> a summary with
-            `accuracy`, `n` and optionally `standard_error` (as `adapt.score_run` or
-            `evaluate.evaluate` return).
+            `accuracy`, `n` and optionally `standard_error` (as `adaptation.pipeline.score_run` or
+            `evaluation.evaluate` return).
         model: the model's name, shown in the base row.
 
     Returns:
@@ -119,8 +119,8 @@ def timing_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def run_markdown(summary: Mapping[str, Any]) -> str:
-    """A one-row table of an `adapt.score_run` summary: accuracy (when scored), pass times and
-    where the requests were routed."""
+    """A one-row table of an `adaptation.pipeline.score_run` summary: accuracy (when scored), pass
+    times and where the requests were routed."""
     accuracy = "–"
     if "accuracy" in summary:
         accuracy = f"{100 * summary['accuracy']:.2f} ± {100 * summary['standard_error']:.2f}"

@@ -16,7 +16,10 @@ import tiny
 
 from t2jax import model as model_lib
 from t2jax import reports
-from t2jax.adaptation import pipeline as adapt
+from t2jax.adaptation import dispatch as dispatch_lib
+from t2jax.adaptation import few_shot, pipeline
+from t2jax.adaptation.config import AdaptError, FewShotConfig
+from t2jax.adaptation.expert_model import build_expert_model
 from t2jax.cli import app as cli
 from t2jax.loading import load_model
 from t2jax.svf import cache as svf_cache
@@ -51,7 +54,7 @@ def setup(tmp_path_factory):
     classifier = random_expert(7)
     for name, expert in [*experts.items(), ("cls", classifier)]:
         experts_lib.save_expert(expert, root / f"{name}.safetensors")
-    model = adapt.build_expert_model(
+    model = build_expert_model(
         loaded, experts, classifier, cache_root=str(root / "svd"), progress=False
     )
     return root, model
@@ -75,10 +78,8 @@ class ChecksumTask(Task):
 
 
 def shot_prompts(model, shots):
-    tokenizer = model.sampler.tokenizer
-    return [
-        render_chat(tokenizer, shot.question, ChecksumTask.system_message) for shot in shots
-    ]
+    tokenizer = model.adapted.tokenizer
+    return [render_chat(tokenizer, shot.question, ChecksumTask.system_message) for shot in shots]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,19 +109,21 @@ def test_dispatch_parses_the_first_boxed_category(output, category):
 
 def test_other_and_categories_without_an_expert_route_to_the_base_weights():
     categories = ["other", "math", "code", "reasoning", "other"]
-    assert adapt.route(categories, ("math", "code")) == [None, "math", "code", None, None]
+    assert dispatch_lib.route(categories, ("math", "code")) == [None, "math", "code", None, None]
 
 
 def test_official_other_uses_the_last_loaded_expert():
     categories = ["other", "math", "code", "other"]
-    routes = adapt.route(categories, EXPERT_NAMES, official_other=True)
+    routes = dispatch_lib.route(categories, EXPERT_NAMES, official_other=True)
     assert routes == ["math", "math", "code", "math"]  # order code, math, reasoning: math is last
-    assert adapt.route(["other"], EXPERT_NAMES, official_other=True, first_pass="cls") == ["cls"]
+    assert dispatch_lib.route(["other"], EXPERT_NAMES, official_other=True, first_pass="cls") == [
+        "cls"
+    ]
 
 
 def test_classification_prompt_has_the_official_system_message_and_the_question(setup):
     _, model = setup
-    prompt = adapt.classification_prompt(model.sampler.tokenizer, "What is 2 + 2?")
+    prompt = dispatch_lib.classification_prompt(model.adapted.tokenizer, "What is 2 + 2?")
     assert "<|im_start|>system\n\n    # Analyze the given question" in prompt
     assert prompt.endswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
 
@@ -129,11 +132,14 @@ def test_classify_parses_every_first_pass_answer(setup):
     _, model = setup
     questions = ["Sort a list in Python.", "What is 17 * 3?", "Why is the sky blue?"]
     for use_classifier in (False, True):
-        dispatch = adapt.classify(
+        dispatch = dispatch_lib.classify(
             model, questions, use_classifier=use_classifier, max_new_tokens=NEW_TOKENS
         )
         assert dispatch.categories == tuple(parse_category(t) for t in dispatch.outputs)
-    assert dispatch.outputs != adapt.classify(model, questions, max_new_tokens=NEW_TOKENS).outputs
+    assert (
+        dispatch.outputs
+        != dispatch_lib.classify(model, questions, max_new_tokens=NEW_TOKENS).outputs
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,15 +152,15 @@ def test_rows_routed_to_different_experts_equal_separate_runs(setup):
     choices = [model.expert_z["math"], None, model.expert_z["code"]]
     row_choice = [0, 1, 2, 1]
 
-    together = adapt.generate_rows(
-        model, prompts, choices, row_choice, max_new_tokens=NEW_TOKENS
+    together = model.adapted.generate(
+        prompts, choices, row_choice, max_new_tokens=NEW_TOKENS
     ).token_ids
 
     alone = [
-        adapt.generate_rows(model, [p], choices, [c], max_new_tokens=NEW_TOKENS).token_ids[0]
+        model.adapted.generate([p], choices, [c], max_new_tokens=NEW_TOKENS).token_ids[0]
         for p, c in zip(prompts, row_choice, strict=True)
     ]
-    base = model.sampler.generate(prompts, max_new_tokens=NEW_TOKENS).token_ids
+    base = model.adapted.sampler.generate(prompts, max_new_tokens=NEW_TOKENS).token_ids
     assert together == alone
     assert together[1] == base[1] and together[3] == base[3]  # "other" rows: the base weights
     assert together[0] != base[0] or together[2] != base[2]  # the experts do change outputs
@@ -164,18 +170,18 @@ def test_output_logprobs_match_a_full_forward_pass(setup):
     _, model = setup
     prompt_ids, output_ids = [[5, 9, 13], [7, 7, 1, 2, 3]], [[40, 41, 42], []]
     z = model.expert_z["code"]
-    got = adapt.output_logprobs(model, prompt_ids, output_ids, [z], [0, 0], batch_size=4)
+    got = model.adapted.log_likelihood(prompt_ids, output_ids, [z], [0, 0], rows_per_call=4)
 
-    weights = svf_factors.merge_into_weights(model.weights, model.factors, z)
+    weights = svf_factors.merge_into_weights(model.adapted.weights, model.adapted.factors, z)
     tokens = jnp.asarray([prompt_ids[0] + output_ids[0]])
     mask = jnp.ones_like(tokens, bool)
     positions = model_lib.positions_from_mask(mask)
-    hidden, _ = model_lib.forward(model.config, weights, tokens, positions, mask)
+    hidden, _ = model_lib.forward(model.adapted.config, weights, tokens, positions, mask)
     log_probs = jax.nn.log_softmax(model_lib.logits(weights, hidden))[0]  # [T, V]
     per_token = [log_probs[2 + i, token] for i, token in enumerate(output_ids[0])]
     np.testing.assert_allclose(got, [np.mean(per_token), 0.0], rtol=1e-4, atol=1e-5)
-    summed = adapt.output_logprobs(
-        model, prompt_ids, output_ids, [z], [0, 0], batch_size=4, reduce="sum"
+    summed = model.adapted.log_likelihood(
+        prompt_ids, output_ids, [z], [0, 0], rows_per_call=4, reduce="sum"
     )
     np.testing.assert_allclose(summed, [np.sum(per_token), 0.0], rtol=1e-4, atol=1e-5)
 
@@ -183,14 +189,14 @@ def test_output_logprobs_match_a_full_forward_pass(setup):
 def reply_log_likelihood(model, z, prompt_ids, reply_ids) -> float:
     """log p(reply | prompt) from one unpadded full forward pass under W'(z)."""
     weights = (
-        model.weights
+        model.adapted.weights
         if z is None
-        else svf_factors.merge_into_weights(model.weights, model.factors, z)
+        else svf_factors.merge_into_weights(model.adapted.weights, model.adapted.factors, z)
     )
     tokens = jnp.asarray([list(prompt_ids) + list(reply_ids)])
     mask = jnp.ones_like(tokens, bool)
     hidden, _ = model_lib.forward(
-        model.config, weights, tokens, model_lib.positions_from_mask(mask), mask
+        model.adapted.config, weights, tokens, model_lib.positions_from_mask(mask), mask
     )
     log_probs = jax.nn.log_softmax(model_lib.logits(weights, hidden))[0]  # [T, V]
     start = len(prompt_ids) - 1
@@ -201,18 +207,23 @@ def reply_log_likelihood(model, z, prompt_ids, reply_ids) -> float:
 def test_likelihood_dispatch_takes_the_most_likely_category_answer(setup, use_classifier):
     _, model = setup
     questions = ["Sort a list in Python.", "What is 17 * 3?", "Why is the sky blue?"]
-    dispatch = adapt.classify(
+    dispatch = dispatch_lib.classify(
         model, questions, use_classifier=use_classifier, method="likelihood", rows_per_call=5
     )
     labels = ("code", "math", "reasoning", "other")
     z = model.expert_z["cls"] if use_classifier else None
-    tokenizer = model.sampler.tokenizer
+    tokenizer = model.adapted.tokenizer
     expected = []
     for question in questions:
-        prompt = model.sampler.encode([adapt.classification_prompt(tokenizer, question)])[0]
+        prompt = model.adapted.sampler.encode(
+            [dispatch_lib.classification_prompt(tokenizer, question)]
+        )[0]
         scores = [
             reply_log_likelihood(
-                model, z, prompt, model.sampler.encode([f"Classification: \\boxed{{{label}}}"])[0]
+                model,
+                z,
+                prompt,
+                model.adapted.sampler.encode([f"Classification: \\boxed{{{label}}}"])[0],
             )
             for label in labels
         ]
@@ -228,31 +239,32 @@ def test_likelihood_dispatch_takes_the_most_likely_category_answer(setup, use_cl
 
 
 def test_official_few_shot_splits():
-    shots, rest = adapt.few_shot_split("arc_challenge", 1172, 10)
+    shots, rest = few_shot.few_shot_split("arc_challenge", 1172, 10)
     assert len(shots) == 10 and len(rest) == 1162 and not set(shots) & set(rest)
     assert (
-        adapt.few_shot_split("math", 5000, 10)[0] != adapt.few_shot_split("humaneval", 5000, 10)[0]
+        few_shot.few_shot_split("math", 5000, 10)[0]
+        != few_shot.few_shot_split("humaneval", 5000, 10)[0]
     )
-    with pytest.raises(adapt.AdaptError, match="no official few-shot seed"):
-        adapt.few_shot_split("gsm8k", 100, 10)
+    with pytest.raises(AdaptError, match="no official few-shot seed"):
+        few_shot.few_shot_split("gsm8k", 100, 10)
 
 
 def test_split_items_without_an_official_seed_keeps_every_item():
     items = ChecksumTask().load("test")
-    assert adapt.split_items("checksum", items, adapt.FewShotConfig(shots=2)) == ([], items)
-    shots, rest = adapt.split_items("checksum", items, adapt.FewShotConfig(shots=2, split_seed=1))
+    assert few_shot.split_items("checksum", items, FewShotConfig(shots=2)) == ([], items)
+    shots, rest = few_shot.split_items("checksum", items, FewShotConfig(shots=2, split_seed=1))
     assert len(shots) == 2 and sorted(shots + rest, key=lambda e: e.id) == items
 
 
 def test_initial_alpha_and_mixing_spaces(setup):
     _, model = setup
-    assert adapt.initial_alpha(model, "global").tolist() == pytest.approx([1 / 3] * 3)
-    per_matrix = adapt.initial_alpha(model, "per_matrix")
-    assert per_matrix.shape == (3, model.config.num_layers * 3)  # [K, L * (gate, up, down)]
-    z_basis, p_basis = adapt.mixing_basis(model, "z"), adapt.mixing_basis(model, "p")
+    assert few_shot.initial_alpha(model, "global").tolist() == pytest.approx([1 / 3] * 3)
+    per_matrix = few_shot.initial_alpha(model, "per_matrix")
+    assert per_matrix.shape == (3, model.adapted.config.num_layers * 3)  # [K, L * (gate, up, down)]
+    z_basis, p_basis = few_shot.mixing_basis(model, "z"), few_shot.mixing_basis(model, "p")
     np.testing.assert_allclose(z_basis["mlp.up_proj"], jax.nn.sigmoid(p_basis["mlp.up_proj"]))
     one_hot = jnp.asarray([[0.0, 1.0, 0.0]])  # [P=1, K]: the code expert alone
-    mixed = adapt.mix_population(z_basis, one_hot, False, model.targets)
+    mixed = few_shot.mix_population(z_basis, one_hot, False, model.adapted.targets)
     np.testing.assert_allclose(mixed["mlp.down_proj"][0], model.expert_z["code"]["mlp.down_proj"])
 
 
@@ -262,14 +274,14 @@ def test_batched_population_fitness_equals_each_candidate_alone(setup):
     shots = task.load("test")[:3]
     prompts = shot_prompts(model, shots)
     alphas = jax.random.uniform(jax.random.key(4), (4, 3))  # [P, K]
-    z_population = adapt.mix_population(
-        adapt.mixing_basis(model, "z"), alphas, False, model.targets
+    z_population = few_shot.mix_population(
+        few_shot.mixing_basis(model, "z"), alphas, False, model.adapted.targets
     )
 
-    batched = adapt.score_population(
+    batched = few_shot.score_population(
         model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS
     )
-    alone = adapt.score_population(  # one merged W' and one sampler call per candidate
+    alone = few_shot.score_population(  # one merged W' and one sampler call per candidate
         model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS, per_candidate=True
     )
 
@@ -288,21 +300,21 @@ def test_tied_candidates_get_the_log_likelihood_of_their_correct_answers(setup):
     z = model.expert_z["reasoning"]
     z_population = {key: jnp.stack([v, v, v]) for key, v in z.items()}  # three equal candidates
 
-    scores = adapt.score_population(
+    scores = few_shot.score_population(
         model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS
     )
 
     assert scores.accuracy.tolist() == [scores.accuracy[0]] * 3 and scores.accuracy[0] > 0
-    prompt_ids = model.sampler.encode(prompts)
+    prompt_ids = model.adapted.sampler.encode(prompts)
     correct = np.flatnonzero(scores.correct[0])
-    generation = adapt.generate_rows(
-        model, [prompt_ids[n] for n in correct], [z], [0] * len(correct), max_new_tokens=NEW_TOKENS
+    generation = model.adapted.generate(
+        [prompt_ids[n] for n in correct], [z], [0] * len(correct), max_new_tokens=NEW_TOKENS
     )
-    expected = adapt.output_logprobs(
-        model, [prompt_ids[n] for n in correct], generation.token_ids, [z], [0] * len(correct)
+    expected = model.adapted.log_likelihood(
+        [prompt_ids[n] for n in correct], generation.token_ids, [z], [0] * len(correct)
     ).mean()
     np.testing.assert_allclose(scores.loglik, [expected] * 3, rtol=1e-4)
-    off = adapt.score_population(
+    off = few_shot.score_population(
         model, task, shots, prompts, z_population, max_new_tokens=NEW_TOKENS, tie_break=False
     )
     assert np.isnan(off.loglik).all()
@@ -312,10 +324,10 @@ def test_few_shot_search_keeps_an_incumbent_that_is_never_worse(setup):
     _, model = setup
     task = ChecksumTask()
     shots = task.load("test")[:3]
-    config = adapt.FewShotConfig(
+    config = FewShotConfig(
         shots=3, generations=2, population_size=4, elite_ratio=0.5, alpha_shape="global"
     )
-    result = adapt.few_shot_search(
+    result = few_shot.few_shot_search(
         model, task, shots, shot_prompts(model, shots), config, max_new_tokens=NEW_TOKENS
     )
     assert result.experts == EXPERT_NAMES and result.alpha.shape == (3,)
@@ -324,7 +336,7 @@ def test_few_shot_search_keeps_an_incumbent_that_is_never_worse(setup):
     assert best[1] >= best[0] and best[0] >= 1 / 3  # shot 0 is always right
     np.testing.assert_allclose(
         result.z["mlp.up_proj"],
-        np.einsum("k,klr->lr", result.alpha, adapt.mixing_basis(model, "z")["mlp.up_proj"]),
+        np.einsum("k,klr->lr", result.alpha, few_shot.mixing_basis(model, "z")["mlp.up_proj"]),
         rtol=1e-5,
     )
 
@@ -349,7 +361,7 @@ def test_table2_markdown_json_and_plots(tmp_path):
 
     counts = reports.confusion_counts(["math", "math", "code"], ["math", "other", "code"])
     assert counts.tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
-    run = adapt.AdaptRun(
+    run = pipeline.AdaptRun(
         "prompt",
         (Example("a", "q", None),) * 2,
         ("p",) * 2,
@@ -357,9 +369,9 @@ def test_table2_markdown_json_and_plots(tmp_path):
         (None,) * 2,
         0.0,
         0.0,
-        dispatch=adapt.Dispatch(categories=("code", "other"), outputs=("", "")),
+        dispatch=dispatch_lib.Dispatch(categories=("code", "other"), outputs=("", "")),
     )
-    assert adapt.dispatch_confusion({"humaneval": run.dispatch.categories}).tolist()[0] == [
+    assert dispatch_lib.dispatch_confusion({"humaneval": run.dispatch.categories}).tolist()[0] == [
         1,
         0,
         0,
@@ -432,7 +444,7 @@ def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy, dispatch):
     assert summary["first_pass_seconds"] > 0 and summary["second_pass_seconds"] > 0
     assert (tmp_path / "confusion.png").exists()
     items = get_task("arc_challenge").load("test")
-    _, rest = adapt.few_shot_split("arc_challenge", len(items), 10)
+    _, rest = few_shot.few_shot_split("arc_challenge", len(items), 10)
     assert [r["id"] for r in records] == [items[i].id for i in rest[:3]]  # shots left out
 
 
@@ -467,7 +479,7 @@ def test_two_pass_few_shot_on_a_task(setup, tmp_path):
     assert len(summary["history"]) == 2
     ids = [json.loads(line)["id"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     items = get_task("arc_challenge").load("test")
-    _, rest = adapt.few_shot_split("arc_challenge", len(items), 2)
+    _, rest = few_shot.few_shot_split("arc_challenge", len(items), 2)
     assert ids == [items[i].id for i in rest[:2]]  # the first reported items, shots excluded
     assert (tmp_path / "alpha.png").exists()
 

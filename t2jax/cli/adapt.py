@@ -1,5 +1,5 @@
 """`t2jax adapt`: two-pass self-adaptation of a whole batch, on a task's items or free prompts
-(spec section 4; `t2jax.adapt`).
+(spec section 4; `t2jax.adaptation`).
 
     t2jax adapt --model smollm2-135m-instruct \\
         --experts math=math.safetensors,code=code.safetensors,reasoning=arc.safetensors \\
@@ -24,6 +24,7 @@ import pathlib
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `adapt` to the main parser's subparsers."""
+    from t2jax.adaptation.config import add_few_shot_arguments
     from t2jax.cli.options import add_model_arguments
     from t2jax.tasks import TASK_NAMES
     from t2jax.tasks.cls import DISPATCH_METHODS
@@ -74,63 +75,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_adapt)
 
 
-def add_few_shot_arguments(group) -> None:
-    """The few-shot CEM options (read back by `few_shot_config`) on a parser or argument group."""
-    group.add_argument("--shots", type=int, default=10)
-    group.add_argument("--few-shot-seed", type=int, default=None, help="default: official")
-    group.add_argument("--generations", type=int, default=50)
-    group.add_argument("--population", type=int, default=32)
-    group.add_argument("--elite-ratio", type=float, default=0.2)
-    group.add_argument("--alpha-shape", choices=("per-matrix", "global"), default="per-matrix")
-    group.add_argument(
-        "--mix-space", choices=("z", "p"), default="z", help="p: raw parameters (official code)"
-    )
-    group.add_argument("--no-tie-break", action="store_true")
-    group.add_argument(
-        "--per-candidate",
-        action="store_true",
-        help="score each candidate in its own merged call (faster on CPUs from ~3 shots)",
-    )
-    group.add_argument("--seed", type=int, default=0, help="CEM seed")
-
-
-def few_shot_config(args: argparse.Namespace):  # -> adapt.FewShotConfig (imported lazily)
-    """The `adapt.FewShotConfig` of the options `add_few_shot_arguments` added (and
-    --rows-per-call)."""
-    from t2jax.adaptation import pipeline as adapt
-
-    return adapt.FewShotConfig(
-        shots=args.shots,
-        generations=args.generations,
-        population_size=args.population,
-        elite_ratio=args.elite_ratio,
-        alpha_shape=args.alpha_shape.replace("-", "_"),
-        mix_space=args.mix_space,
-        tie_break=not args.no_tie_break,
-        seed=args.seed,
-        split_seed=args.few_shot_seed,
-        rows_per_call=args.rows_per_call,
-        per_candidate=args.per_candidate,
-    )
-
-
-def parse_expert_paths(spec: str) -> dict[str, str]:
-    """ "math=a.safetensors,code=b" -> {"math": "a.safetensors", "code": "b"} (order kept).
-
-    Raises:
-        ValueError: an entry without NAME=PATH, or a repeated name.
-    """
-    paths: dict[str, str] = {}
-    for entry in spec.split(","):
-        name, separator, path = entry.partition("=")
-        if not separator or not name.strip() or not path.strip():
-            raise ValueError(f"--experts entries look like NAME=PATH, got {entry!r}")
-        if name.strip() in paths:
-            raise ValueError(f"expert {name.strip()!r} is given twice")
-        paths[name.strip()] = path.strip()
-    return paths
-
-
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.strategy == "fewshot" and args.task is None:
         raise ValueError("--strategy fewshot needs --task (the shots come from it)")
@@ -142,6 +86,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from t2jax.adaptation import pipeline as adapt
+    from t2jax.adaptation.expert_model import build_expert_model, parse_expert_paths
     from t2jax.cli.options import load_model_from_args
     from t2jax.svf import experts as experts_lib
     from t2jax.tasks import CATEGORIES, get_task
@@ -154,7 +99,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
     classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
     task = get_task(args.task) if args.task else None
     loaded = load_model_from_args(args)
-    model = adapt.build_expert_model(
+    model = build_expert_model(
         loaded, experts, classifier, cache_root=args.cache_dir, progress=not args.no_progress
     )
     options = _options(args, task)
@@ -166,9 +111,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
         run = adapt.evaluate_method(
             model, args.strategy, task, items, options, limit=args.limit, progress=progress
         )
-    records, summary = adapt.score_run(run, task if not args.prompt else None)
     out = pathlib.Path(args.out or _default_out(args))
-    write_run(out, records, summary)
+    _, summary = adapt.write_run(out, run, task if not args.prompt else None)
     _plot(out, run, args.task)
     keys = ("strategy", "task", "n", "accuracy", "first_pass_seconds", "second_pass_seconds")
     print(json.dumps({key: summary[key] for key in keys if key in summary}))
@@ -179,15 +123,16 @@ def _run_adapt(args: argparse.Namespace) -> int:
 def _answer_prompts(model, args: argparse.Namespace, task, items, options):
     """The --prompt texts (chat template) as requests; few-shot adapts on the task's shots."""
     from t2jax.adaptation import pipeline as adapt
+    from t2jax.adaptation.few_shot import split_items
     from t2jax.tasks import Example, render_prompt
     from t2jax.tasks.prompts import render_chat
 
-    tokenizer = model.sampler.tokenizer
+    tokenizer = model.adapted.tokenizer
     examples = [Example(f"prompt/{i}", text, None) for i, text in enumerate(args.prompt)]
     prompts = [render_chat(tokenizer, text) for text in args.prompt]
     shots = []
     if args.strategy == "fewshot":  # `_check_arguments` made sure there is a task
-        shots = adapt.split_items(task.name, items, options.few_shot)[0]
+        shots = split_items(task.name, items, options.few_shot)[0]
     shot_prompts = [render_prompt(task, e, tokenizer, args.official_quirks) for e in shots]
     return adapt.adapt(
         model,
@@ -202,12 +147,12 @@ def _answer_prompts(model, args: argparse.Namespace, task, items, options):
     )
 
 
-def _options(args: argparse.Namespace, task):  # -> adapt.AdaptOptions (imported lazily)
-    from t2jax.adaptation import pipeline as adapt
+def _options(args: argparse.Namespace, task):  # -> AdaptOptions (imported lazily)
+    from t2jax.adaptation.config import AdaptOptions, few_shot_config
     from t2jax.tasks import OFFICIAL_STOP_STRINGS
 
     default_tokens = task.max_new_tokens if task is not None else 512
-    return adapt.AdaptOptions(
+    return AdaptOptions(
         max_new_tokens=args.max_new_tokens or default_tokens,
         stop_strings=tuple(task.stop_strings) if task is not None else OFFICIAL_STOP_STRINGS,
         rows_per_call=args.rows_per_call,
@@ -224,25 +169,13 @@ def _default_out(args: argparse.Namespace) -> str:
     return f"runs/adapt/{model_name}-{args.strategy}-{args.task or 'prompts'}"
 
 
-def write_run(out: pathlib.Path, records: list[dict], summary: dict) -> None:
-    """Writes a scored run to `out`: samples.jsonl, then summary.json and summary.md."""
-    from t2jax import reports
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(reports.run_markdown(summary))
-
-
 def _plot(out: pathlib.Path, run, task_name: str | None) -> None:
     """confusion.png for dispatch on a task of known category, alpha.png for few-shot."""
     from t2jax import reports
-    from t2jax.adaptation import pipeline as adapt
+    from t2jax.adaptation.dispatch import CATEGORY_OF_TASK, dispatch_confusion
 
-    if run.dispatch is not None and task_name in adapt.CATEGORY_OF_TASK:
-        counts = adapt.dispatch_confusion({task_name: run.dispatch.categories})
+    if run.dispatch is not None and task_name in CATEGORY_OF_TASK:
+        counts = dispatch_confusion({task_name: run.dispatch.categories})
         reports.plot_confusions({run.strategy: counts}, out / "confusion.png")
     if run.few_shot is not None:
         alphas = {task_name: run.few_shot.alpha}
