@@ -166,7 +166,29 @@ def test_rows_routed_to_different_experts_equal_separate_runs(setup):
     assert together[0] != base[0] or together[2] != base[2]  # the experts do change outputs
 
 
-def test_output_logprobs_match_a_full_forward_pass(setup):
+def test_base_z_is_the_base_model_and_sampled_calls_take_seed_plus_start_row(setup):
+    _, model = setup
+    adapted = model.adapted
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [30, 31, 32, 33, 34]]
+    base = adapted.sampler.generate(prompts, max_new_tokens=NEW_TOKENS).token_ids
+    unit = adapted.generate(prompts, [adapted.base_z()], [0] * 3, max_new_tokens=NEW_TOKENS)
+    assert unit.token_ids == base
+
+    z = model.expert_z["math"]
+    sampled = adapted.generate(
+        prompts, [z], [0] * 3, max_new_tokens=NEW_TOKENS, rows_per_call=2, temperature=1.0, seed=7
+    )
+    sampler = adapted.sampler_for(z)
+    parts = [
+        sampler.generate(
+            prompts[start : start + 2], max_new_tokens=NEW_TOKENS, temperature=1.0, seed=7 + start
+        ).token_ids
+        for start in (0, 2)
+    ]
+    assert sampled.token_ids == parts[0] + parts[1]
+
+
+def test_log_likelihood_matches_a_full_forward_pass(setup):
     _, model = setup
     prompt_ids, output_ids = [[5, 9, 13], [7, 7, 1, 2, 3]], [[40, 41, 42], []]
     z = model.expert_z["code"]

@@ -87,7 +87,7 @@ def adapt(
         prompts: the requests' rendered pass-2 prompts (e.g. `render_prompt`).
         options: settings.
         task: the task the shots come from (strategy "fewshot").
-        shots: the few-shot examples (strategy "fewshot"; see `few_shot_split`).
+        shots: the few-shot examples (strategy "fewshot"; see `few_shot.split_items`).
         shot_prompts: their rendered prompts.
         progress: show the CEM progress bar.
 
