@@ -105,8 +105,7 @@ def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathl
     task = get_task(task_name)
     items = task.load("test", data_dir=args.data_dir)
     options = AdaptOptions(
-        max_new_tokens=args.max_new_tokens or task.max_new_tokens,
-        stop_strings=tuple(task.stop_strings),
+        max_new_tokens=args.max_new_tokens,
         rows_per_call=args.rows_per_call,
         classify_max_new_tokens=args.classify_max_new_tokens,
         few_shot=few_shot,

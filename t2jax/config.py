@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
+
+from t2jax.configuration import ConfigError, check_choices, require
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -72,10 +74,6 @@ _NEUTRAL_HF_VALUES: Mapping[str, tuple[Any, ...]] = {
     "use_sliding_window": (False, None),
     "qk_layernorm": (False, None),
 }
-
-
-class ConfigError(ValueError):
-    """A model config that t2jax cannot run faithfully."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,3 +244,24 @@ class MeshConfig:
             raise ConfigError(f"mesh shape {self.shape} and axis names {self.axis_names} differ")
         if sum(size == -1 for size in self.shape) > 1:
             raise ConfigError(f"at most one mesh axis may be -1, got {self.shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model to load and where.
+
+    Attributes:
+        name: registry name, `.gguf` file, HF directory or hub id (see `t2jax.loading`).
+        dtype: "float32" or "bfloat16"; None picks `t2jax.loading.default_dtype()`.
+        stacked: layer layout (None: the backend's faster one, see `t2jax.model`).
+        mesh: device mesh; the batch is split over its data axes, weights FSDP-sharded.
+    """
+
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] | None = None
+    stacked: bool | None = None
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        require(bool(self.name), "model.name must name a model")
+        check_choices(self, "model")

@@ -25,9 +25,13 @@ from typing import Any, Literal, TypeVar
 import ml_collections
 from ml_collections import config_dict
 
-from t2jax.config import ConfigError
-
 Config = TypeVar("Config")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: a model config t2jax cannot run faithfully, or run settings
+    (loading, mesh, training, adaptation, sweeps) that are unknown, mistyped or do not fit
+    together."""
 
 
 def require(condition: bool, message: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.checkpoints import Checkpoint, load_checkpoint
-from t2jax.config import MeshConfig, ModelConfig
+from t2jax.config import MeshConfig, ModelConfig, ModelSection
 from t2jax.plan import hardware as plan_hardware
 from t2jax.plan import rules as plan_rules
 
@@ -89,4 +89,23 @@ def load_model(
         eos_ids=checkpoint.eos_token_ids,
         mesh=mesh,
         checkpoint=checkpoint,
+    )
+
+
+def load_model_section(
+    section: ModelSection,
+    *,
+    skip: Callable[[str], bool] = lambda key: False,
+    progress: bool = True,
+) -> LoadedModel:
+    """`load_model` with the settings of a run config's model section (name, dtype, layout,
+    mesh)."""
+    dtype = None if section.dtype is None else jnp.dtype(section.dtype)
+    return load_model(
+        section.name,
+        dtype=dtype,
+        stacked=section.stacked,
+        mesh_config=section.mesh,
+        skip=skip,
+        progress=progress,
     )

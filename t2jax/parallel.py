@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from t2jax.config import ConfigError, MeshConfig
+from t2jax.config import MeshConfig
+from t2jax.configuration import ConfigError
 
 BATCH_AXES = ("data", "fsdp")
 

@@ -527,7 +527,7 @@ def test_free_prompts_and_clear_errors(setup, tmp_path, capsys):
     assert adapt_command(root, tmp_path, "--strategy", "cls", "--prompt", "x") == 2
     assert "--cls-expert" in capsys.readouterr().err
     assert adapt_command(root, tmp_path, "--strategy", "fewshot", "--prompt", "x") == 2
-    assert "needs --task" in capsys.readouterr().err
+    assert "needs requests.task (--task)" in capsys.readouterr().err
     for experts, message in [
         (f"physics={root / 'math.safetensors'}", "must be named code, math or reasoning"),
         ("math", "NAME=PATH"),

@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 
 from t2jax import configuration
-from t2jax.config import ConfigError
+from t2jax.configuration import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +61,31 @@ def test_dict_and_config_dict_round_trips():
     values.inner.mode = "x"
     assert configuration.from_config_dict(Outer, values) == Outer(inner=Inner(size=7, mode="x"))
     assert configuration.leaf_types(Outer)["inner.kind"] == Literal["a", "b"]
+
+
+def test_adapt_command_line_builds_one_config_file_then_flags_then_overrides():
+    from t2jax.adaptation.config import AdaptConfig
+    from t2jax.cli import adapt as adapt_cli
+    from t2jax.cli import app
+
+    argv = [
+        "adapt",
+        "--config=experiments/configs/adapt.py:task=math,strategy=fewshot,preset=cpu",
+        "--experts=math=m.safetensors,code=c.safetensors",
+        "--generations=3",
+        "--config.options.few_shot.population_size=4",
+        "--rows-per-call=8",
+        "--no-progress",
+    ]
+    config = adapt_cli.adapt_config(app.build_parser().parse_args(argv))
+    assert isinstance(config, AdaptConfig)
+    assert (config.strategy, config.requests.task) == ("fewshot", "math")
+    assert config.options.max_new_tokens == 256  # the cpu preset
+    assert config.options.few_shot.generations == 3  # a flag over the file
+    assert config.options.few_shot.population_size == 4  # an override over the file
+    assert config.options.few_shot.shots == 5 and config.options.few_shot.rows_per_call == 8
+    assert config.options.rows_per_call == 8 and not config.run.progress
+    with pytest.raises(ConfigError, match=r"--prompt"):
+        adapt_cli.adapt_config(
+            app.build_parser().parse_args(["adapt", "--model", "m", "--experts", "math=m"])
+        )

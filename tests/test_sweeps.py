@@ -10,12 +10,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from t2jax import configuration
+from t2jax import configuration, sweeps
 from t2jax.cli import app as cli
-from t2jax.cli import train as train_cli
-from t2jax.config import ConfigError
+from t2jax.cli import options as cli_options
+from t2jax.configuration import ConfigError
 from t2jax.rl import config as rl_config
-from t2jax.rl import sweeps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "experiments" / "configs" / "svf.py"
@@ -107,7 +106,7 @@ def test_train_command_line_options_cover_every_config_leaf():
         ]
     )
 
-    assert train_cli.overrides_from_args(args) == {
+    assert cli_options.overrides_from_args(args) == {
         "rl.lr": "1e-3",
         "run.workdir": "runs/x",
         "task.test_split": "test",
@@ -142,7 +141,7 @@ def test_grid_and_deterministic_run_names():
 def _write_sweep(directory: pathlib.Path) -> pathlib.Path:
     path = directory / "lr_sweep.py"
     path.write_text(
-        "from t2jax.rl.sweeps import grid\n"
+        "from t2jax.sweeps import grid\n"
         f"CONFIG = {str(CONFIG_FILE) + ':task=gsm8k'!r}\n"
         "def sweep():\n"
         "    return grid({'rl.lr': [0.001, 0.002, 0.003]})\n"
@@ -164,7 +163,7 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path):
         if config.rl.lr == 0.001:
             (workdir / "summary.json").write_text("{}")  # ...that this time finishes
 
-    records = sweeps.run_sweep(sweep_file, root, train_fn=fake_train)
+    records = sweeps.run_sweep(sweep_file, root, run_fn=fake_train)
 
     assert [r["name"] for r in records] == ["lr0.001", "lr0.002", "lr0.003"]
     assert [r["status"] for r in records] == ["finished", "partial", "failed"]
@@ -174,24 +173,24 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path):
     assert manifest == records
 
     calls.clear()
-    sweeps.run_sweep(sweep_file, root, train_fn=fake_train)  # relaunch: skip the finished run
+    sweeps.run_sweep(sweep_file, root, run_fn=fake_train)  # relaunch: skip the finished run
     assert calls == [str(root / "lr0.002"), str(root / "lr0.003")]
 
 
 def test_manifest_commands_reproduce_each_run_config(tmp_path):
     sweep_file = _write_sweep(tmp_path)
     records = sweeps.run_sweep(sweep_file, tmp_path / "runs", dry_run=True)
-    spec, entries = sweeps.load_sweep(sweep_file)
+    sweep = sweeps.load_sweep(sweep_file)
 
     assert [r["status"] for r in records] == ["pending"] * 3
-    for record, run in zip(records, sweeps.expand(entries, tmp_path / "runs"), strict=True):
+    for record, run in zip(records, sweeps.expand(sweep.entries, tmp_path / "runs"), strict=True):
         argv = shlex.split(record["command"])
         assert argv[:2] == ["t2jax", "train"]
         args = cli.build_parser().parse_args(argv[1:])
         from_command = configuration.resolve_config(
-            rl_config.TrainConfig, args.config, train_cli.overrides_from_args(args)
+            rl_config.TrainConfig, args.config, cli_options.overrides_from_args(args)
         )
-        assert from_command == sweeps.run_config(spec, run)
+        assert from_command == sweeps.run_config(sweep, run)
 
 
 def test_bad_sweep_files(tmp_path):
@@ -214,3 +213,42 @@ def test_shipped_sweeps_expand_to_valid_configs(tmp_path, monkeypatch):
     for sweep_file in sorted((REPO / "experiments" / "sweeps").glob("*.py")):
         records = sweeps.run_sweep(sweep_file, tmp_path / sweep_file.stem, dry_run=True)
         assert records and len({r["name"] for r in records}) == len(records)
+
+
+def test_adaptation_sweep_with_shared_overrides(tmp_path):
+    from t2jax.cli import adapt as adapt_cli
+
+    adapt_file = REPO / "experiments" / "configs" / "adapt.py"
+    sweep_file = tmp_path / "fewshot_sweep.py"
+    sweep_file.write_text(
+        "from t2jax.sweeps import grid\n"
+        "COMMAND = 'adapt'\n"
+        f"CONFIG = {str(adapt_file) + ':task=math,strategy=fewshot,preset=cpu'!r}\n"
+        "OVERRIDES = {'experts': 'math=m.safetensors,code=c.safetensors'}\n"
+        "def sweep():\n"
+        "    return grid({'options.few_shot.generations': [1, 2]})\n"
+    )
+    root = tmp_path / "runs"
+    seen = []
+
+    def fake_adapt(config):
+        seen.append(config)
+        (pathlib.Path(config.run.workdir) / "summary.json").parent.mkdir(parents=True)
+        (pathlib.Path(config.run.workdir) / "summary.json").write_text("{}")
+
+    records = sweeps.run_sweep(sweep_file, root, run_fn=fake_adapt)
+
+    assert [r["name"] for r in records] == ["generations1", "generations2"]
+    assert [r["status"] for r in records] == ["finished", "finished"]
+    assert [c.options.few_shot.generations for c in seen] == [1, 2]
+    assert all(c.experts == "math=m.safetensors,code=c.safetensors" for c in seen)
+    assert seen[1].run.workdir == str(root / "generations2")
+    sweep = sweeps.load_sweep(sweep_file)
+    for record, config in zip(records, seen, strict=True):
+        argv = shlex.split(record["command"])
+        assert argv[:2] == ["t2jax", "adapt"]
+        assert adapt_cli.adapt_config(cli.build_parser().parse_args(argv[1:])) == config
+    with pytest.raises(ConfigError, match="COMMAND must be one of"):
+        sweep_file.write_text(sweep_file.read_text().replace("'adapt'", "'serve'"))
+        sweeps.load_sweep(sweep_file)
+    assert sweep.command == "adapt"

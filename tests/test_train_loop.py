@@ -21,7 +21,7 @@ import tiny
 
 from t2jax import configuration
 from t2jax.cli import app as cli
-from t2jax.config import ConfigError
+from t2jax.configuration import ConfigError
 from t2jax.rl import config as rl_config
 from t2jax.rl import trainer
 from t2jax.rl.setup import load_splits

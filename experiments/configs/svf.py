@@ -18,6 +18,7 @@ from __future__ import annotations
 import pathlib
 
 from t2jax import configuration
+from t2jax.config import ModelSection
 from t2jax.rl import config as rl_config
 
 PRESETS = {
@@ -43,7 +44,7 @@ def get_config(arg: str = ""):
     unknown = sorted(set(options) - set(KEYS))
     if unknown:
         raise ValueError(f"unknown config argument(s) {unknown}; use {', '.join(KEYS)}")
-    model = options.get("model", rl_config.ModelSection().name)
+    model = options.get("model", ModelSection().name)
     task = options.get("task", rl_config.TaskSection().name)
     preset = options.get("preset", "official")
     if preset not in PRESETS:

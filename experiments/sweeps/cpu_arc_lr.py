@@ -3,7 +3,7 @@
 t2jax sweep experiments/sweeps/cpu_arc_lr.py --root runs/sweeps/cpu_arc_lr
 """
 
-from t2jax.rl.sweeps import grid
+from t2jax.sweeps import grid
 
 CONFIG = "experiments/configs/svf.py:model=smollm2-135m-instruct,task=arc_easy,preset=cpu"
 

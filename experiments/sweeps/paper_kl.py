@@ -4,7 +4,7 @@ validation accuracy), on GSM8K with Qwen2.5-Coder-0.5B-Instruct, in both KL dire
     t2jax sweep experiments/sweeps/paper_kl.py --root runs/sweeps/paper_kl
 """
 
-from t2jax.rl.sweeps import grid
+from t2jax.sweeps import grid
 
 CONFIG = "experiments/configs/svf.py:model=qwen2.5-coder-0.5b-instruct,task=gsm8k"
 

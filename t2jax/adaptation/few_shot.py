@@ -126,7 +126,7 @@ def score_population(
     tie_break: bool = True,
     rows_per_call: int | None = None,
     per_candidate: bool = False,
-    logprob_batch_size: int = 16,
+    logprob_rows_per_call: int = 16,
 ) -> PopulationScores:
     """Scores P candidates on N shots: all P x N rows in one sampler call (candidate-major, one
     candidate's z per row), then one teacher-forced pass over the correct answers of the
@@ -147,7 +147,7 @@ def score_population(
         tie_break: compute the log-likelihood tie-break.
         rows_per_call: rows per sampler call (None: one call).
         per_candidate: one merged sampler call per candidate (see above).
-        logprob_batch_size: rows per teacher-forced pass.
+        logprob_rows_per_call: rows per teacher-forced pass.
     """
     num_candidates = next(iter(z_population.values())).shape[0]
     num_shots = len(shots)
@@ -181,7 +181,7 @@ def score_population(
                 [generation.token_ids[row] for row in rows],
                 choices,
                 [row_choice[row] for row in rows],
-                rows_per_call=logprob_batch_size,
+                rows_per_call=logprob_rows_per_call,
             )
             for p in tied:
                 mine = [i for i, row in enumerate(rows) if row // num_shots == p]
@@ -262,7 +262,7 @@ def few_shot_search(
             tie_break=config.tie_break,
             rows_per_call=config.rows_per_call,
             per_candidate=config.per_candidate,
-            logprob_batch_size=config.logprob_batch_size,
+            logprob_rows_per_call=config.logprob_rows_per_call,
         )
         tie_break = jnp.asarray(scores.loglik, jnp.float32) if config.tie_break else None
         state, metrics = strategy.tell(

@@ -24,18 +24,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import typing
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from t2jax import evaluation, reports
-from t2jax.adaptation.config import AdaptError, AdaptOptions
+from t2jax.adaptation.config import AdaptError, AdaptOptions, Strategy
 from t2jax.adaptation.dispatch import Dispatch, classify, route
 from t2jax.adaptation.expert_model import CLASSIFIER, ExpertModel
 from t2jax.adaptation.few_shot import FewShotResult, few_shot_search, split_items
 from t2jax.tasks import Example, Task, render_prompt
 
-Strategy = Literal["prompt", "cls", "fewshot"]
-STRATEGIES = ("prompt", "cls", "fewshot")
+STRATEGIES = typing.get_args(Strategy)
 MIXTURE = "mixture"  # route name of the few-shot mixture
 
 
@@ -85,7 +85,8 @@ def adapt(
         strategy: "prompt", "cls" or "fewshot".
         examples: the requests; pass 1 of the dispatch strategies classifies `example.question`.
         prompts: the requests' rendered pass-2 prompts (e.g. `render_prompt`).
-        options: settings.
+        options: settings (a budget or stop strings left at None are the task's, or the
+            free-prompt defaults without one).
         task: the task the shots come from (strategy "fewshot").
         shots: the few-shot examples (strategy "fewshot"; see `few_shot.split_items`).
         shot_prompts: their rendered prompts.
@@ -98,6 +99,7 @@ def adapt(
         raise AdaptError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if len(examples) != len(prompts):
         raise AdaptError(f"{len(examples)} examples but {len(prompts)} prompts")
+    options = options.for_task(task)
     start = time.perf_counter()
     dispatch = few_shot = None
     if strategy == "fewshot":
@@ -160,7 +162,7 @@ def evaluate_method(
     method: str,
     task: Task,
     items: Sequence[Example],
-    options: AdaptOptions,
+    options: AdaptOptions = AdaptOptions(),
     *,
     limit: int | None = None,
     progress: bool = False,
@@ -177,10 +179,11 @@ def evaluate_method(
         method: "base", "prompt", "cls" or "fewshot".
         task: the task (MATH, HumanEval and ARC-Challenge have official few-shot seeds).
         items: its evaluation split, in the official order.
-        options: settings (generation budget and stop strings of the task).
+        options: settings (a budget or stop strings left at None are the task's).
         limit: answer only the first `limit` reported items.
         progress: show the CEM progress bar.
     """
+    options = options.for_task(task)
     shots, reported = split_items(task.name, items, options.few_shot)
     examples = reported[:limit]
     tokenizer = model.adapted.tokenizer

@@ -24,7 +24,8 @@ from t2jax.checkpoints.common import (
     ensure_pad_token,
     format_names,
 )
-from t2jax.config import ConfigError, ModelConfig
+from t2jax.config import ModelConfig
+from t2jax.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 

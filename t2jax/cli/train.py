@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import types
-import typing
 
 from t2jax import configuration, parallel
+from t2jax.cli.options import add_config_arguments, overrides_from_args
 from t2jax.rl import config as rl_config
-
-_OVERRIDE_PREFIX = "config_override:"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,18 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train", help="train an SVF expert with REINFORCE (resumes a run in the same workdir)"
     )
-    train.add_argument(
-        "--config",
-        required=True,
-        help="config file and its argument, e.g. experiments/configs/svf.py:task=gsm8k",
+    add_config_arguments(
+        train, rl_config.TrainConfig, "experiments/configs/svf.py:task=gsm8k", required=True
     )
-    for path, annotation in configuration.leaf_types(rl_config.TrainConfig).items():
-        train.add_argument(
-            f"--config.{path}",
-            dest=_OVERRIDE_PREFIX + path,
-            default=None,
-            metavar=_metavar(annotation),
-        )
     train.add_argument(
         "--distributed",
         action="store_true",
@@ -56,27 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=_run_sweep)
 
 
-def _metavar(annotation) -> str:
-    """How a field's values are written: INT, FLOAT|NONE, INT,INT,..., sigmoid|plain."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Literal:
-        return "|".join(map(str, args))
-    if origin is tuple:
-        return f"{_metavar(args[0])},..."
-    if origin in (typing.Union, types.UnionType):
-        return "|".join(_metavar(arg) for arg in args if arg is not type(None)) + "|NONE"
-    return annotation.__name__.upper()
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
-    """The `--config.KEY=VALUE` options given on the command line, as {KEY: VALUE}."""
-    return {
-        name.removeprefix(_OVERRIDE_PREFIX): value
-        for name, value in vars(args).items()
-        if name.startswith(_OVERRIDE_PREFIX) and value is not None
-    }
-
-
 def _run_train(args: argparse.Namespace) -> int:
     parallel.maybe_initialize_distributed(force=args.distributed)
     from t2jax.rl.trainer import train
@@ -91,7 +58,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from t2jax.rl.sweeps import run_sweep
+    from t2jax.sweeps import run_sweep
 
     records = run_sweep(args.file, args.root, dry_run=args.dry_run)
     for record in records:

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
-from t2jax.config import ConfigError
+from t2jax.configuration import ConfigError
 
 GIB = 1024**3
 

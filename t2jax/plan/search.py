@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from t2jax import parallel
-from t2jax.config import ConfigError, MeshConfig
+from t2jax.config import MeshConfig
+from t2jax.configuration import ConfigError
 from t2jax.plan.hardware import topology_devices
 from t2jax.plan.models import model_config
 from t2jax.plan.programs import PROGRAMS, ProgramMemory, Programs, Workload, measure

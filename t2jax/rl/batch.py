@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from t2jax import parallel
-from t2jax.config import ConfigError
+from t2jax.configuration import ConfigError
 from t2jax.padding import chunked_length, left_pad
 from t2jax.rl.loss import PolicyBatch
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from t2jax.config import MeshConfig
+from t2jax.config import ModelSection
 from t2jax.configuration import check_choices, require
 from t2jax.svf.core import OFFICIAL_PARAMETRIZATION, Parametrization
 
@@ -22,27 +22,6 @@ KLDirection = Literal["ref_policy", "policy_ref"]
 Advantage = Literal["none", "normalize", "leave_one_out"]
 CompletionTokens = Literal["retokenize", "sampled"]
 SVFMode = Literal["merged", "factored"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    """Which model to load and where.
-
-    Attributes:
-        name: registry name, `.gguf` file, HF directory or hub id (see `t2jax.loading`).
-        dtype: "float32" or "bfloat16"; None picks `t2jax.loading.default_dtype()`.
-        stacked: layer layout (None: the backend's faster one, see `t2jax.model`).
-        mesh: device mesh; the batch is split over its data axes, weights FSDP-sharded.
-    """
-
-    name: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] | None = None
-    stacked: bool | None = None
-    mesh: MeshConfig = MeshConfig()
-
-    def __post_init__(self):
-        require(bool(self.name), "model.name must name a model")
-        check_choices(self, "model")
 
 
 @dataclasses.dataclass(frozen=True)

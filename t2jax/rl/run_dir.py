@@ -16,8 +16,7 @@ import jax
 
 from t2jax import files, parallel
 from t2jax import metrics as metrics_lib
-from t2jax.config import ConfigError
-from t2jax.configuration import to_dict
+from t2jax.configuration import ConfigError, to_dict
 from t2jax.rl.config import TrainConfig
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib

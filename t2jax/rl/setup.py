@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from t2jax import parallel
 from t2jax.adapted import AdaptedModel, adapted_model
-from t2jax.config import ConfigError
+from t2jax.configuration import ConfigError
 from t2jax.evaluation import subsample
-from t2jax.loading import load_model
+from t2jax.loading import load_model_section
 from t2jax.padding import chunked_length
 from t2jax.plan import rules as plan_rules
 from t2jax.rl.config import TaskSection, TrainConfig
@@ -90,14 +89,8 @@ def load_setup(config: TrainConfig) -> Setup:
     """
     task, train, eval_train, valid, test = load_splits(config.task)
     targets = resolve_targets(config.svf.targets)
-    dtype = None if config.model.dtype is None else jnp.dtype(config.model.dtype)
-    loaded = load_model(
-        config.model.name,
-        dtype=dtype,
-        stacked=config.model.stacked,
-        mesh_config=config.model.mesh,
-        skip=lambda key: key in targets,
-        progress=config.run.progress,
+    loaded = load_model_section(
+        config.model, skip=lambda key: key in targets, progress=config.run.progress
     )
     model = adapted_model(
         loaded, targets, cache_root=config.svf.cache_dir, progress=config.run.progress

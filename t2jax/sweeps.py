@@ -1,21 +1,25 @@
-"""Sweeps: a grid of config overrides expanded into training runs with deterministic names, a
-manifest, and resumable sequential execution (anchors-style section 6.9).
+"""Sweeps: a grid of config overrides expanded into training or adaptation runs with deterministic
+names, a manifest, and resumable sequential execution (anchors-style section 6.9).
 
 A sweep file is a Python module with
+    COMMAND = "train"  # or "adapt" (default "train")
     CONFIG = "experiments/configs/svf.py:model=qwen2.5-coder-0.5b-instruct,task=gsm8k"
+    OVERRIDES = {"rl.num_iters": 100}  # optional: set for every run, not part of run names
     def sweep():  # -> list of {dotted config key: value}
         return sweeps.grid({"rl.kl_coeff": [0.0, 0.1, 0.2, 0.3], "rl.seed": [42]})
 
-Each entry becomes a run named by its overrides ("kl_coeff0.1-seed42") in ROOT/NAME.
-`ROOT/manifest.jsonl` lists every run with its overrides, workdir, the equivalent `t2jax train`
-command line and its status: "finished" (summary.json written), "partial" (checkpoints exist; the
-next launch resumes it), "pending", or "failed" (with the error). Running a sweep again skips
-finished runs and resumes partial ones, so a preempted machine can simply relaunch it.
+Each entry becomes a run named by its overrides ("kl_coeff0.1-seed42") in ROOT/NAME (its
+`run.workdir`). `ROOT/manifest.jsonl` lists every run with its overrides, workdir, the equivalent
+`t2jax train` / `t2jax adapt` command line and its status: "finished" (summary.json written),
+"partial" (training checkpoints exist; the next launch resumes it), "pending", or "failed" (with
+the error). Running a sweep again skips finished runs and resumes partial ones, so a preempted
+machine can simply relaunch it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import json
 import logging
@@ -27,8 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from t2jax import parallel
-from t2jax.config import ConfigError
-from t2jax.configuration import load_python_file, resolve_config
+from t2jax.adaptation.config import AdaptConfig
+from t2jax.configuration import ConfigError, load_python_file, resolve_config
 from t2jax.files import write_text_atomically
 from t2jax.rl.config import TrainConfig
 
@@ -37,6 +41,31 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.jsonl"
 MAX_NAME_LENGTH = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """What a sweep runs: a config class and the function that runs one config (imported when
+    the first run starts)."""
+
+    config_class: type
+    module: str
+    function: str
+
+    def resolve(self, config_spec: str, overrides: Mapping[str, Any]) -> Any:
+        """The validated config of a config file spec plus dotted overrides."""
+        config = resolve_config(self.config_class, config_spec, overrides)
+        return config.validate() if hasattr(config, "validate") else config
+
+    def runner(self) -> Callable[[Any], Any]:
+        """The function that runs a config."""
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+COMMANDS = {
+    "train": Command(TrainConfig, "t2jax.rl.trainer", "train"),
+    "adapt": Command(AdaptConfig, "t2jax.adaptation.run", "run_adapt"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +107,23 @@ def run_name(overrides: Mapping[str, Any]) -> str:
     return name[:MAX_NAME_LENGTH]
 
 
-def load_sweep(path: str | os.PathLike) -> tuple[str, list[dict[str, Any]]]:
-    """(CONFIG spec, list of overrides) of a sweep file.
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A sweep file's contents: what it runs, the config file spec, the overrides every run
+    shares and the override entries (one per run)."""
+
+    command: str
+    config: str
+    common: dict[str, Any]
+    entries: list[dict[str, Any]]
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """The COMMAND, CONFIG spec, OVERRIDES and run entries of a sweep file.
 
     Raises:
-        ConfigError: the file is missing, lacks CONFIG or sweep(), or returns no runs.
+        ConfigError: the file is missing, lacks CONFIG or sweep(), names an unknown COMMAND, or
+            returns no runs.
     """
     file = pathlib.Path(path)
     module = load_python_file(file, "sweep")
@@ -90,10 +131,13 @@ def load_sweep(path: str | os.PathLike) -> tuple[str, list[dict[str, Any]]]:
         getattr(module, "sweep", None)
     ):
         raise ConfigError(f"sweep file {str(file)!r} must define CONFIG (str) and sweep()")
+    command = getattr(module, "COMMAND", "train")
+    if command not in COMMANDS:
+        raise ConfigError(f"sweep file {str(file)!r}: COMMAND must be one of {sorted(COMMANDS)}")
     entries = [dict(entry) for entry in module.sweep()]
     if not entries:
         raise ConfigError(f"sweep file {str(file)!r} defines no runs")
-    return module.CONFIG, entries
+    return Sweep(command, module.CONFIG, dict(getattr(module, "OVERRIDES", {})), entries)
 
 
 def expand(entries: Sequence[Mapping[str, Any]], root: str | os.PathLike) -> list[Run]:
@@ -115,17 +159,21 @@ def expand(entries: Sequence[Mapping[str, Any]], root: str | os.PathLike) -> lis
     return runs
 
 
-def run_config(config_spec: str, run: Run) -> TrainConfig:
-    """The resolved config of a run (the sweep's config file, the run's overrides, its workdir)."""
-    return resolve_config(TrainConfig, config_spec, {**run.overrides, "run.workdir": run.workdir})
+def run_config(sweep: Sweep, run: Run) -> Any:
+    """The validated config of a run (the sweep's config file, the run's overrides, its
+    workdir)."""
+    overrides = {**sweep.common, **run.overrides, "run.workdir": run.workdir}
+    return COMMANDS[sweep.command].resolve(sweep.config, overrides)
 
 
-def command_line(config_spec: str, run: Run) -> str:
-    """The `t2jax train` command that runs (or resumes) `run` on its own, e.g. on another VM."""
-    flags = [f"--config={config_spec}"]
-    flags += [f"--config.{key}={_format_override(value)}" for key, value in run.overrides.items()]
+def command_line(sweep: Sweep, run: Run) -> str:
+    """The `t2jax train` / `t2jax adapt` command that runs (or resumes) `run` on its own, e.g. on
+    another VM."""
+    flags = [f"--config={sweep.config}"]
+    overrides = {**sweep.common, **run.overrides}
+    flags += [f"--config.{key}={_format_override(value)}" for key, value in overrides.items()]
     flags.append(f"--config.run.workdir={run.workdir}")
-    return shlex.join(["t2jax", "train", *flags])
+    return shlex.join(["t2jax", sweep.command, *flags])
 
 
 def _format_override(value: Any) -> str:
@@ -149,7 +197,7 @@ def run_status(run: Run) -> str:
 
 def write_manifest(
     root: str | os.PathLike,
-    config_spec: str,
+    sweep: Sweep,
     runs: Sequence[Run],
     errors: Mapping[str, str] | None = None,
 ) -> pathlib.Path:
@@ -166,8 +214,8 @@ def write_manifest(
             "name": run.name,
             "workdir": run.workdir,
             "overrides": run.overrides,
-            "config": config_spec,
-            "command": command_line(config_spec, run),
+            "config": sweep.config,
+            "command": command_line(sweep, run),
             "status": "failed" if run.name in errors else run_status(run),
         }
         if run.name in errors:
@@ -183,7 +231,7 @@ def run_sweep(
     root: str | os.PathLike,
     *,
     dry_run: bool = False,
-    train_fn: Callable[[TrainConfig], Any] | None = None,
+    run_fn: Callable[[Any], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every unfinished run of a sweep file in order (resuming partial ones), keeping the
     manifest current. A failing run is recorded and the sweep goes on.
@@ -192,29 +240,29 @@ def run_sweep(
         sweep_file: the sweep module.
         root: directory of the runs and the manifest.
         dry_run: only validate every run's config and write the manifest.
-        train_fn: what runs a config (default `t2jax.rl.trainer.train`).
+        run_fn: what runs a config (default: the COMMAND's, `t2jax.rl.trainer.train` or
+            `t2jax.adaptation.run.run_adapt`).
 
     Returns:
         The manifest records.
     """
-    config_spec, entries = load_sweep(sweep_file)
-    runs = expand(entries, root)
+    sweep = load_sweep(sweep_file)
+    runs = expand(sweep.entries, root)
     for run in runs:  # validate every config before spending time on the first run
-        run_config(config_spec, run)
+        run_config(sweep, run)
     errors: dict[str, str] = {}
-    write_manifest(root, config_spec, runs)
+    write_manifest(root, sweep, runs)
     if not dry_run:
-        if train_fn is None:
-            from t2jax.rl.trainer import train as train_fn
+        run_fn = run_fn or COMMANDS[sweep.command].runner()
         for run in runs:
             if run_status(run) == "finished":
                 continue
             logger.info("sweep run %s (%s)", run.name, run_status(run))
             try:
-                train_fn(run_config(config_spec, run))
+                run_fn(run_config(sweep, run))
             except Exception as error:  # recorded in the manifest; the sweep goes on
                 logger.exception("sweep run %s failed", run.name)
                 errors[run.name] = f"{type(error).__name__}: {error}"
-            write_manifest(root, config_spec, runs, errors)
+            write_manifest(root, sweep, runs, errors)
     manifest = pathlib.Path(root) / MANIFEST_FILE
     return [json.loads(line) for line in manifest.read_text().splitlines()]
