@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import tqdm
 
 from t2jax import ops
 from t2jax.config import ModelConfig, RopeScaling
@@ -131,106 +129,6 @@ def default_layout_is_stacked(mesh: jax.sharding.Mesh | None = None) -> bool:
     by the mesh's devices (None: `jax.default_backend()`)."""
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     return platform != "cpu"
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversion from HF tensors.
-
-
-def hf_layer_tensor_names(config: ModelConfig, layer: int) -> dict[str, str]:
-    """Maps our per-layer keys to the HF tensor names of layer `layer`."""
-    prefix = f"model.layers.{layer}."
-    names = {key: f"{prefix}{key}.weight" for key in ATTN_KERNELS + MLP_KERNELS + LAYER_NORMS}
-    if config.qkv_bias:
-        names.update({key: f"{prefix}{key}" for key in QKV_BIASES})
-    if config.o_bias:
-        names["self_attn.o_proj.bias"] = f"{prefix}self_attn.o_proj.bias"
-    return names
-
-
-def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The HF tensor names and [out, in] shapes that a checkpoint of `config` must contain."""
-    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
-    per_layer = {
-        "self_attn.q_proj": (q, d),
-        "self_attn.k_proj": (kv, d),
-        "self_attn.v_proj": (kv, d),
-        "self_attn.o_proj": (d, q),
-        "mlp.gate_proj": (f, d),
-        "mlp.up_proj": (f, d),
-        "mlp.down_proj": (d, f),
-        "input_layernorm": (d,),
-        "post_attention_layernorm": (d,),
-        "self_attn.q_proj.bias": (q,),
-        "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.bias": (d,),
-    }
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, d)
-    for layer in range(config.num_layers):
-        for key, name in hf_layer_tensor_names(config, layer).items():
-            shapes[name] = per_layer[key]
-    return shapes
-
-
-def weights_from_hf(
-    config: ModelConfig,
-    tensors: Mapping[str, np.ndarray],
-    *,
-    dtype: Any = jnp.float32,
-    stacked: bool | None = None,
-    skip: Callable[[str], bool] = lambda name: False,
-    place: Callable[[str, np.ndarray], Array] | None = None,
-    progress: bool = False,
-) -> Weights:
-    """Builds `Weights` from HF-named tensors in HF [out, in] orientation.
-
-    Args:
-        config: the model architecture.
-        tensors: HF name -> array (may load lazily; each tensor is read once).
-        dtype: parameter dtype (see `t2jax.loading.default_dtype`).
-        stacked: layer layout; defaults to `default_layout_is_stacked()`.
-        skip: predicate on our per-layer keys ("mlp.gate_proj") whose dense kernels to drop, e.g.
-            once SVD factors replace them.
-        place: optional `(key, host_array) -> device array` used to shard leaves as they load.
-        progress: show a progress bar over layers.
-
-    Raises:
-        KeyError: a tensor the config requires is missing.
-    """
-    stacked = default_layout_is_stacked() if stacked is None else stacked
-    place = place or (lambda key, x: jnp.asarray(x))
-
-    def fetch(name: str, transpose: bool) -> np.ndarray:
-        if name not in tensors:
-            raise KeyError(f"checkpoint is missing tensor {name!r}")
-        array = np.asarray(tensors[name], dtype=np.float32)
-        return (array.T if transpose else array).astype(dtype)
-
-    def layer(index: int) -> dict[str, np.ndarray]:
-        return {
-            key: fetch(name, transpose=key in ATTN_KERNELS + MLP_KERNELS)
-            for key, name in hf_layer_tensor_names(config, index).items()
-            if not skip(key)
-        }
-
-    indices = tqdm.trange(config.num_layers, desc="loading layers", disable=not progress)
-    per_layer = [layer(i) for i in indices]
-    if stacked:
-        layers = {key: place(key, np.stack([lw[key] for lw in per_layer])) for key in per_layer[0]}
-    else:
-        layers = tuple({key: place(key, x) for key, x in lw.items()} for lw in per_layer)
-    lm_head = None
-    if not config.tie_word_embeddings:
-        lm_head = place("lm_head", fetch("lm_head.weight", transpose=True))
-    return Weights(
-        embed=place("embed", fetch("model.embed_tokens.weight", transpose=False)),
-        layers=layers,
-        final_norm=place("final_norm", fetch("model.norm.weight", transpose=False)),
-        lm_head=lm_head,
-    )
 
 
 # ----------------------------------------------------------------------------------------------

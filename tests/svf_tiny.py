@@ -9,7 +9,8 @@ import numpy as np
 import safetensors.numpy
 import tiny
 
-from t2jax import model as model_lib
+from t2jax import loading
+from t2jax.checkpoints import common as checkpoints_common
 from t2jax.config import ModelConfig
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import factors as svf_factors
@@ -54,7 +55,7 @@ def random_tensors(config: ModelConfig = CONFIG, seed: int = 0) -> dict[str, np.
     """HF-named random tensors for `config` (norm weights near 1, kernels ~ N(0, 1/in))."""
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in model_lib.expected_hf_shapes(config).items():
+    for name, shape in checkpoints_common.expected_hf_shapes(config).items():
         if len(shape) == 1:
             tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
@@ -65,7 +66,7 @@ def random_tensors(config: ModelConfig = CONFIG, seed: int = 0) -> dict[str, np.
 def model(seed: int = 0, stacked: bool = False, config: ModelConfig = CONFIG):
     """(tensors, weights, fingerprint) of a random model."""
     tensors = random_tensors(config, seed)
-    weights = model_lib.weights_from_hf(config, tensors, stacked=stacked)
+    weights = loading.weights_from_hf(config, tensors, stacked=stacked)
     return tensors, weights, svf_cache.fingerprint(config, tensors)
 
 

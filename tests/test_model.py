@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tiny
 
+from t2jax import loading, parallel
 from t2jax import model as model_lib
-from t2jax import parallel
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig
 
@@ -40,7 +40,7 @@ def _torch_logits(torch_model, tokens, mask):
 def test_logits_match_transformers(tmp_path, kind, stacked):
     torch_model = tiny.save_tiny_checkpoint(tmp_path, kind)
     checkpoint = load_checkpoint(str(tmp_path), progress=False)
-    weights = model_lib.weights_from_hf(checkpoint.config, checkpoint.tensors, stacked=stacked)
+    weights = loading.weights_from_hf(checkpoint.config, checkpoint.tensors, stacked=stacked)
     tokens, mask = tiny.random_padded_batch(seed=1, rows=3, length=40, pads=PADS)
 
     ours = _t2jax_logits(checkpoint.config, weights, tokens, mask)
@@ -53,7 +53,7 @@ def test_llama3_rope_scaling_changes_logits(tmp_path):
     """Guards the parity test above: without its rope scaling the llama3 model must disagree."""
     tiny.save_tiny_checkpoint(tmp_path, "llama3_rope")
     checkpoint = load_checkpoint(str(tmp_path), progress=False)
-    weights = model_lib.weights_from_hf(checkpoint.config, checkpoint.tensors)
+    weights = loading.weights_from_hf(checkpoint.config, checkpoint.tensors)
     unscaled = dataclasses.replace(checkpoint.config, rope_scaling=None)
     tokens, mask = tiny.random_padded_batch(seed=1, rows=3, length=40, pads=PADS)
 
@@ -67,7 +67,7 @@ def test_llama3_rope_scaling_changes_logits(tmp_path):
 def test_stacked_and_unstacked_layouts_convert_both_ways(tmp_path):
     tiny.save_tiny_checkpoint(tmp_path, "qwen2_untied")
     checkpoint = load_checkpoint(str(tmp_path), progress=False)
-    stacked = model_lib.weights_from_hf(checkpoint.config, checkpoint.tensors, stacked=True)
+    stacked = loading.weights_from_hf(checkpoint.config, checkpoint.tensors, stacked=True)
     unstacked = model_lib.unstack_layers(stacked.layers)
 
     assert len(unstacked) == checkpoint.config.num_layers
@@ -84,7 +84,7 @@ def test_forward_on_8_device_mesh_equals_single_device(tmp_path, mesh_shape):
     config = checkpoint.config
     tokens, mask = tiny.random_padded_batch(seed=2, rows=8, length=24, pads=(0, 3) * 4)
     single = _t2jax_logits(
-        config, model_lib.weights_from_hf(config, checkpoint.tensors, stacked=True), tokens, mask
+        config, loading.weights_from_hf(config, checkpoint.tensors, stacked=True), tokens, mask
     )
 
     mesh = parallel.make_mesh(MeshConfig(shape=mesh_shape))
@@ -92,9 +92,7 @@ def test_forward_on_8_device_mesh_equals_single_device(tmp_path, mesh_shape):
     def place(key, array):
         return jax.device_put(array, parallel.weight_sharding(key, array.shape, mesh))
 
-    sharded_weights = model_lib.weights_from_hf(
-        config, checkpoint.tensors, stacked=True, place=place
-    )
+    sharded_weights = loading.weights_from_hf(config, checkpoint.tensors, stacked=True, place=place)
     assert any(
         not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded_weights)
     ), "nothing was sharded: the test would not exercise the mesh"

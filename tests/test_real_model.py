@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t2jax import loading
 from t2jax import model as model_lib
 from t2jax.checkpoints import load_checkpoint
 from t2jax.checkpoints.registry import fetch_model
@@ -57,7 +58,7 @@ def test_smollm2_logits_match_transformers_on_real_prompts(smollm2, torch_smollm
     tokens, mask = left_pad(token_lists, length, len(token_lists))
     assert not mask.all(), "the batch should contain padding"
 
-    weights = model_lib.weights_from_hf(smollm2.config, smollm2.tensors)
+    weights = loading.weights_from_hf(smollm2.config, smollm2.tensors)
     positions = model_lib.positions_from_mask(jnp.asarray(mask))
     hidden, _ = jax.jit(model_lib.forward, static_argnums=0)(
         smollm2.config, weights, jnp.asarray(tokens), positions, jnp.asarray(mask)
@@ -78,7 +79,7 @@ def test_smollm2_greedy_answer_is_sensible(smollm2):
     """End to end through the sampler: the model answers a trivial question correctly."""
     from t2jax.sampler import Sampler
 
-    weights = model_lib.weights_from_hf(smollm2.config, smollm2.tensors)
+    weights = loading.weights_from_hf(smollm2.config, smollm2.tensors)
     sampler = Sampler(smollm2.config, weights, smollm2.tokenizer, smollm2.eos_token_ids)
     generation = sampler.generate(_chat_token_lists(smollm2.tokenizer)[:1], max_new_tokens=24)
 

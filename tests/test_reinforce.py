@@ -12,8 +12,8 @@ import pytest
 import svf_tiny
 import tiny
 
+from t2jax import loading, padding, parallel
 from t2jax import model as model_lib
-from t2jax import padding, parallel
 from t2jax.config import MeshConfig
 from t2jax.rl import batch as rl_batch
 from t2jax.rl import loss as rl_loss
@@ -39,7 +39,7 @@ def _frozen(mesh=None, stacked=False):
         def place(key, array):
             return jax.device_put(array, parallel.weight_sharding(key, array.shape, mesh))
 
-    weights = model_lib.weights_from_hf(
+    weights = loading.weights_from_hf(
         CONFIG, tensors, stacked=stacked, skip=lambda key: key in TARGETS, place=place
     )
     fingerprint = svf_cache.fingerprint(CONFIG, tensors)

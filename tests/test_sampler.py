@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tiny
 
+from t2jax import loading, parallel
 from t2jax import model as model_lib
-from t2jax import parallel
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
 from t2jax.padding import bucket_length, new_tokens_bucket
@@ -33,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
     """The tiny model in the CPU default (unrolled) layout."""
-    return tiny_checkpoint, model_lib.weights_from_hf(
+    return tiny_checkpoint, loading.weights_from_hf(
         tiny_checkpoint.config, tiny_checkpoint.tensors, stacked=False
     )
 
@@ -61,7 +61,7 @@ def _greedy_reference(config, weights, prompt_ids, steps):
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["scan", "unrolled"])
 def test_greedy_with_cache_equals_argmax_of_full_reforward(tiny_checkpoint, stacked):
-    weights = model_lib.weights_from_hf(
+    weights = loading.weights_from_hf(
         tiny_checkpoint.config, tiny_checkpoint.tensors, stacked=stacked
     )
     tiny_model = (tiny_checkpoint, weights)
@@ -307,8 +307,8 @@ def test_bf16_weights_keep_fp32_activations_and_match_fp32(tiny_checkpoint):
     config, tensors = tiny_checkpoint.config, tiny_checkpoint.tensors
     tokens = jnp.asarray([[5, 9, 2, 7, 11, 3]])
     positions, mask = jnp.arange(6)[None], jnp.ones((1, 6), bool)
-    fp32 = model_lib.weights_from_hf(config, tensors, stacked=False)
-    bf16 = model_lib.weights_from_hf(config, tensors, dtype=jnp.bfloat16, stacked=False)
+    fp32 = loading.weights_from_hf(config, tensors, stacked=False)
+    bf16 = loading.weights_from_hf(config, tensors, dtype=jnp.bfloat16, stacked=False)
     hidden, _ = model_lib.forward(config, fp32, tokens, positions, mask)
     reference = model_lib.logits(fp32, hidden[:, -1])  # [1, V]
 

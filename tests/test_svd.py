@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import svf_tiny
 
+from t2jax import loading, parallel
 from t2jax import model as model_lib
-from t2jax import parallel
 from t2jax.config import MeshConfig, ModelConfig
 from t2jax.loading import load_model
 from t2jax.svf import cache as svf_cache
@@ -52,7 +52,7 @@ def test_hf_tensor_names_round_trip():
 def test_uniform_z_reproduces_dropped_kernels(tiny, stacked):
     tensors, fingerprint, _ = tiny
     factors = svf_tiny.factors(tensors, fingerprint, ALL_TARGETS, stacked=stacked)
-    weights = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=stacked)
+    weights = loading.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=stacked)
     dropped = svf_factors.drop_target_kernels(weights, ALL_TARGETS)
     assert "mlp.up_proj" not in model_lib.layer_slice(dropped.layers, 0)
 
@@ -68,7 +68,7 @@ def test_uniform_z_reproduces_dropped_kernels(tiny, stacked):
 def test_nonuniform_z_changes_kernels(tiny):
     """Guards the test above: a non-uniform z must not reproduce W."""
     tensors, _, factors = tiny
-    weights = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=False)
+    weights = loading.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=False)
     z = _uniform_z(factors, 1.0)
     z["mlp.up_proj"] = z["mlp.up_proj"].at[:, 0].set(2.0)
     merged = svf_factors.merge_into_weights(weights, factors, z)
@@ -111,7 +111,7 @@ def test_decomposition_on_8_device_mesh_equals_single_device(tiny):
     def place(key, array):
         return jax.device_put(array, parallel.weight_sharding(key, array.shape, mesh))
 
-    sharded = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=True, place=place)
+    sharded = loading.weights_from_hf(svf_tiny.CONFIG, tensors, stacked=True, place=place)
     assert not sharded.layers["mlp.up_proj"].sharding.is_fully_replicated
     on_mesh = svf_factors.decompose(
         svf_tiny.CONFIG,
@@ -192,7 +192,7 @@ def test_cache_round_trip_resume_and_fingerprint_check(tiny, tmp_path):
 def test_fingerprint_identifies_the_model_not_its_dtype(tiny):
     tensors, fingerprint, _ = tiny
     for dtype, stacked in ((jnp.float32, True), (jnp.bfloat16, False)):
-        weights = model_lib.weights_from_hf(svf_tiny.CONFIG, tensors, dtype=dtype, stacked=stacked)
+        weights = loading.weights_from_hf(svf_tiny.CONFIG, tensors, dtype=dtype, stacked=stacked)
         as_tensors = svf_cache.weights_as_tensors(svf_tiny.CONFIG, weights)
         assert svf_cache.fingerprint(svf_tiny.CONFIG, as_tensors) == fingerprint
     other = svf_tiny.random_tensors(seed=1)

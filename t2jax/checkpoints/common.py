@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import transformers
 
+from t2jax import model as model_lib
 from t2jax.config import ModelConfig
 
 # Token strings that end a turn in the chat formats we know (ChatML, Llama 3, Gemma). A GGUF names
@@ -77,42 +78,44 @@ class LazyTensors(Mapping[str, np.ndarray]):
         return len(self._shapes)
 
 
-def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The HF tensor names and shapes a checkpoint of this architecture holds.
+def hf_layer_tensor_names(config: ModelConfig, layer: int) -> dict[str, str]:
+    """Maps our per-layer keys to the HF tensor names of layer `layer`."""
+    prefix = f"model.layers.{layer}."
+    names = {
+        key: f"{prefix}{key}.weight"
+        for key in model_lib.ATTN_KERNELS + model_lib.MLP_KERNELS + model_lib.LAYER_NORMS
+    }
+    if config.qkv_bias:
+        names.update({key: f"{prefix}{key}" for key in model_lib.QKV_BIASES})
+    if config.o_bias:
+        names["self_attn.o_proj.bias"] = f"{prefix}self_attn.o_proj.bias"
+    return names
 
-    Args:
-        config: the model architecture.
 
-    Returns:
-        HF name -> shape, linear weights as `[out, in]`; `lm_head.weight` only when untied.
-    """
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.q_dim, config.kv_dim
-    shapes = {"model.embed_tokens.weight": (v, d)}
-    for layer in range(config.num_layers):
-        prefix = f"model.layers.{layer}"
-        shapes |= {
-            f"{prefix}.input_layernorm.weight": (d,),
-            f"{prefix}.self_attn.q_proj.weight": (q, d),
-            f"{prefix}.self_attn.k_proj.weight": (kv, d),
-            f"{prefix}.self_attn.v_proj.weight": (kv, d),
-            f"{prefix}.self_attn.o_proj.weight": (d, q),
-            f"{prefix}.post_attention_layernorm.weight": (d,),
-            f"{prefix}.mlp.gate_proj.weight": (f, d),
-            f"{prefix}.mlp.up_proj.weight": (f, d),
-            f"{prefix}.mlp.down_proj.weight": (d, f),
-        }
-        if config.qkv_bias:
-            shapes |= {
-                f"{prefix}.self_attn.q_proj.bias": (q,),
-                f"{prefix}.self_attn.k_proj.bias": (kv,),
-                f"{prefix}.self_attn.v_proj.bias": (kv,),
-            }
-        if config.o_bias:
-            shapes[f"{prefix}.self_attn.o_proj.bias"] = (d,)
-    shapes["model.norm.weight"] = (d,)
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The HF tensor names and [out, in] shapes that a checkpoint of `config` must contain."""
+    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
+    per_layer = {
+        "self_attn.q_proj": (q, d),
+        "self_attn.k_proj": (kv, d),
+        "self_attn.v_proj": (kv, d),
+        "self_attn.o_proj": (d, q),
+        "mlp.gate_proj": (f, d),
+        "mlp.up_proj": (f, d),
+        "mlp.down_proj": (d, f),
+        "input_layernorm": (d,),
+        "post_attention_layernorm": (d,),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (d,),
+    }
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
     if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    for layer in range(config.num_layers):
+        for key, name in hf_layer_tensor_names(config, layer).items():
+            shapes[name] = per_layer[key]
     return shapes
 
 
@@ -129,7 +132,7 @@ def check_tensor_layout(
     Raises:
         CheckpointError: listing missing tensors, unexpected tensors and shape mismatches.
     """
-    expected = expected_tensor_shapes(config)
+    expected = expected_hf_shapes(config)
     problems = []
     if missing := [name for name in expected if name not in found]:
         problems.append(f"missing tensors: {format_names(missing)}")

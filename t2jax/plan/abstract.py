@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from t2jax import model as model_lib
 from t2jax import parallel
+from t2jax.checkpoints import common as checkpoints_common
 from t2jax.config import ModelConfig
 from t2jax.svf import factors as svf_factors
 from t2jax.svf import targets as svf_targets
@@ -38,9 +39,9 @@ def abstract_batched(
 
 def _layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Per-layer key -> shape of one layer's leaf, in `x @ W` orientation."""
-    hf = model_lib.expected_hf_shapes(config)
+    hf = checkpoints_common.expected_hf_shapes(config)
     shapes = {}
-    for key, name in model_lib.hf_layer_tensor_names(config, 0).items():
+    for key, name in checkpoints_common.hf_layer_tensor_names(config, 0).items():
         shape = hf[name]
         transposed = key in model_lib.ATTN_KERNELS + model_lib.MLP_KERNELS
         shapes[key] = tuple(reversed(shape)) if transposed else shape

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from t2jax import model as model_lib
+from t2jax.checkpoints import common as checkpoints_common
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import ModelConfig
 
@@ -104,5 +104,7 @@ def model_config(name: str) -> ModelConfig:
 
 def parameter_bytes(config: ModelConfig, dtype: Any = jnp.bfloat16) -> int:
     """Bytes of the model's parameters in `dtype`."""
-    count = sum(math.prod(shape) for shape in model_lib.expected_hf_shapes(config).values())
+    count = sum(
+        math.prod(shape) for shape in checkpoints_common.expected_hf_shapes(config).values()
+    )
     return count * jnp.dtype(dtype).itemsize

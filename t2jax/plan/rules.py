@@ -3,7 +3,8 @@
 (`default_rl_memory` through `resolve_rl`, used by training). An explicit setting always wins;
 CPU runs keep their defaults. `t2jax.plan.search` checks these rules by compiling the programs.
 
-This module imports none of the programs, so the modules that run them can import it.
+This module imports none of the programs (nor the RL package), so the modules that run them,
+and the loader, can import it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,10 @@ from t2jax import parallel
 from t2jax.config import ModelConfig
 from t2jax.plan.hardware import GIB, device_hbm_gib
 from t2jax.plan.models import parameter_bytes
-from t2jax.rl.config import RLConfig
 from t2jax.svf import targets as svf_targets
+
+if TYPE_CHECKING:  # a type only: loading imports this module, and rl is above loading
+    from t2jax.rl.config import RLConfig
 
 # Share of a chip's HBM the weights may take before they are FSDP-sharded: the rest is for the
 # KV cache, activations and the compiler's temporaries.

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 
 from t2jax import model as model_lib
+from t2jax.checkpoints import common as checkpoints_common
 from t2jax.config import ModelConfig
 from t2jax.svf import core as svf_lib
 
@@ -70,7 +71,7 @@ def parse_hf_tensor_name(name: str) -> tuple[int, str]:
 
 def kernel_shape(config: ModelConfig, key: str) -> tuple[int, int]:
     """[in, out] shape of a per-layer kernel of `config`."""
-    out_dim, in_dim = model_lib.expected_hf_shapes(config)[hf_tensor_name(0, key)]
+    out_dim, in_dim = checkpoints_common.expected_hf_shapes(config)[hf_tensor_name(0, key)]
     return in_dim, out_dim
 
 
