@@ -4,8 +4,10 @@ The public API, imported on first use (`import t2jax` itself imports no JAX):
 
     import t2jax
     loaded = t2jax.load_model("smollm2-135m-instruct")
-    factors = t2jax.decompose(loaded, ("mlp.up_proj",))
-    text = t2jax.Sampler.for_model(loaded).generate(["Hi"], max_new_tokens=8).texts
+    model = t2jax.adapted_model(loaded, ("mlp.up_proj",))  # SVD of the targets, cached on disk
+    text = model.sampler_for(None).generate(["Hi"], max_new_tokens=8).texts  # None: base weights
+
+(README "Python API" walks through a whole session.)
 
 Each name is the real object of its module (`t2jax.load_model is t2jax.loading.load_model`), so
 `help()` shows its own docstring. Packages hold the rest: `t2jax.svf`, `t2jax.rl`,
@@ -20,7 +22,8 @@ __version__ = "0.1.0"
 _API = {
     "load_model": ("t2jax.loading", "load_model"),
     "Sampler": ("t2jax.sampler", "Sampler"),
-    "decompose": ("t2jax.svf.cache", "loaded_model_factors"),
+    "adapted_model": ("t2jax.adapted", "adapted_model"),
+    "expert_model": ("t2jax.adaptation.expert_model", "build_expert_model"),
     "load_expert": ("t2jax.svf.experts", "load_expert"),
     "save_expert": ("t2jax.svf.experts", "save_expert"),
     "mix_experts": ("t2jax.svf.experts", "mix_experts"),
