@@ -597,3 +597,39 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     assert not (tmp_path / "prompt").exists()
     table = json.loads((tmp_path / "table2.json").read_text())
     assert [row["method"] for row in table["rows"]] == ["base"]
+
+
+def test_builtin_experts_are_the_shipped_ones_of_the_model(setup, tmp_path, monkeypatch, capsys):
+    from t2jax.svf import shipped
+
+    root, _ = setup
+    shipped_dir = tmp_path / "shipped"
+    (shipped_dir / "model").mkdir(parents=True)  # the model directory's name is its key
+    for name in (*EXPERT_NAMES, "cls"):
+        (shipped_dir / "model" / f"{name}.safetensors").write_bytes(
+            (root / f"{name}.safetensors").read_bytes()
+        )
+    card = {"task": "arc_easy", "test": {"n": 300, "base_accuracy": 0.24, "accuracy": 0.39,
+            "difference": 0.15, "difference_standard_error": 0.04}}  # fmt: skip
+    (shipped_dir / "model" / "reasoning.json").write_text(json.dumps(card))
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", shipped_dir)
+
+    assert shipped.builtin_paths(str(root / "model")) == {
+        name: str(shipped_dir / "model" / f"{name}.safetensors") for name in sorted(EXPERT_NAMES)
+    }
+    assert list(shipped.builtin_paths("model", classifier=True)) == ["cls"]
+    with pytest.raises(ValueError, match="shipped experts exist for: model"):
+        shipped.builtin_paths("other-model")
+
+    assert cli.main(["expert", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "reasoning" in listing and "24.0% -> 39.0% (+15.0 ± 4.0 paired SE, N=300)" in listing
+
+    out = tmp_path / "run"
+    argv = ["adapt", "--model", str(root / "model"), "--experts", "builtin", "--cls-expert"]
+    argv += ["builtin", "--strategy", "cls", "--prompt", "Sort a list.", "--out", str(out)]
+    argv += ["--cache-dir", str(root / "svd"), "--max-new-tokens", str(NEW_TOKENS), "--no-progress"]
+    argv += ["--dispatch", "likelihood"]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "samples.jsonl").read_text())
+    assert record["category"] in ("code", "math", "reasoning", "other")

@@ -13,7 +13,7 @@ LAYERS = [
     {"configuration", "config", "ops", "files", "padding", "svf.core"},
     {"checkpoints", "parallel", "model", "plan.hardware", "plan.models"},
     {"plan.rules", "loading", "logprobs", "tasks", "svf.targets", "svf.factors", "svf.cache"},
-    {"svf.experts"},
+    {"svf.experts", "svf.shipped"},
     {"sampler", "metrics", "evaluation", "reports", "adapted"},
     {"rl", "adaptation", "plan.abstract", "plan.programs", "plan.search"},
     {"sweeps"},

@@ -159,8 +159,9 @@ class AdaptConfig:
     Attributes:
         model: the model to load.
         strategy: "prompt", "cls" or "fewshot".
-        experts: expert files "NAME=PATH,..." (dispatch uses the names code, math, reasoning).
-        cls_expert: the classification expert file (strategy "cls").
+        experts: expert files "NAME=PATH,..." (dispatch uses the names code, math, reasoning),
+            or "builtin": the model's shipped experts (`t2jax expert list`).
+        cls_expert: the classification expert file (strategy "cls"), or "builtin".
         cache_dir: SVD factor cache root (None: the user cache directory).
         requests: what is answered.
         options: settings of the two passes and the few-shot search.

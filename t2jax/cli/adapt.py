@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="NAME=PATH,... expert files; dispatch uses the names code, math and reasoning",
     )
     parser.add_argument("--strategy", choices=("prompt", "cls", "fewshot"))
-    parser.add_argument("--cls-expert", help="the classification expert (cls)")
+    parser.add_argument("--cls-expert", help="the classification expert (cls), or 'builtin'")
     source = parser.add_argument_group("requests (--task, --prompt, or both for fewshot)")
     source.add_argument("--task", choices=TASK_NAMES)
     source.add_argument("--split", help="the task's split (default: test)")

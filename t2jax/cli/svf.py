@@ -1,6 +1,7 @@
-"""`t2jax` subcommands for SVF: `decompose`, `expert info|mix|transfer|import`, and `params`.
+"""`t2jax` subcommands for SVF: `decompose`, `expert list|info|mix|transfer|import`, and `params`.
 
     t2jax decompose --model smollm2-135m-instruct --targets mlp
+    t2jax expert list [--model qwen2.5-coder-0.5b-instruct]
     t2jax expert info math.safetensors
     t2jax expert mix --experts math.safetensors,code.safetensors --alpha 0.7,0.3 --out m.safetensors
     t2jax expert transfer --expert llama_math.safetensors --model MISTRAL_DIR --out m.safetensors
@@ -26,6 +27,7 @@ from t2jax.config import ModelConfig
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import experts as experts_lib
 from t2jax.svf import factors as svf_factors
+from t2jax.svf import shipped
 from t2jax.svf import targets as svf_targets
 
 
@@ -35,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_params(subparsers)
     expert = subparsers.add_parser("expert", help="inspect, mix, transfer and import SVF experts")
     commands = expert.add_subparsers(dest="expert_command", required=True)
+    _register_expert_list(commands)
     _register_expert_info(commands)
     _register_expert_mix(commands)
     _register_expert_transfer(commands)
@@ -122,6 +125,30 @@ def _model_config(model: str) -> ModelConfig:
 
 # ----------------------------------------------------------------------------------------------
 # expert info | mix | transfer | import.
+
+
+def _register_expert_list(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("list", help="the experts shipped with t2jax (--experts builtin)")
+    parser.add_argument("--model", default=None, help="only this model's experts")
+    parser.set_defaults(func=_expert_list)
+
+
+def _expert_list(args: argparse.Namespace) -> int:
+    experts = shipped.shipped_experts(shipped.model_key(args.model) if args.model else None)
+    if not experts:
+        print("no shipped experts" + (f" for {args.model}" if args.model else ""))
+    for expert in experts:
+        test = expert.card.get("test", {})
+        result = ""
+        if test:
+            result = (
+                f"test {100 * test['base_accuracy']:.1f}% -> {100 * test['accuracy']:.1f}% "
+                f"({100 * test['difference']:+.1f} ± {100 * test['difference_standard_error']:.1f}"
+                f" paired SE, N={test['n']})"
+            )
+        print(f"{expert.model}  {expert.name:9}  {expert.card.get('task', '?'):10}  {result}")
+        print(f"    {expert.path}")
+    return 0
 
 
 def _register_expert_info(commands: argparse._SubParsersAction) -> None:

@@ -29,8 +29,8 @@ from t2jax.tasks.prompts import CLASSIFICATION_PROMPT
 
 CATEGORIES = ("code", "math", "reasoning")
 OTHER = "other"
-# How the dispatcher reads a category (t2jax.adaptation.dispatch.classify): the official generate-and-parse,
-# or the most likely of the four replies CLASSIFICATION_ANSWER asks for.
+# How the dispatcher reads a category (t2jax.adaptation.dispatch.classify): the official
+# generate-and-parse, or the most likely of the four replies CLASSIFICATION_ANSWER asks for.
 DispatchMethod = Literal["generate", "likelihood"]
 DISPATCH_METHODS: tuple[str, ...] = ("generate", "likelihood")
 CLASSIFICATION_ANSWER = "Classification: \\boxed{{{}}}"
