@@ -14,7 +14,7 @@ LAYERS = [
     {"checkpoints", "parallel", "model", "plan.hardware", "plan.models"},
     {"plan.rules", "loading", "logprobs", "tasks", "svf.targets", "svf.factors", "svf.cache"},
     {"svf.experts", "svf.shipped"},
-    {"sampler", "metrics", "evaluation", "reports", "adapted"},
+    {"sampler", "metrics", "evaluation", "reports", "adapted", "export"},
     {"rl", "adaptation", "plan.abstract", "plan.programs", "plan.search"},
     {"sweeps"},
     {"cli"},

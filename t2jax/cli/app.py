@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from t2jax.cli import adapt as adapt_cli
+from t2jax.cli import export as export_cli
 from t2jax.cli import infer as infer_cli
 from t2jax.cli import plan as plan_cli
 from t2jax.cli import svf as svf_cli
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "strict refuses to run without Landlock, seccomp and (as root) a dropped uid",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for commands in (infer_cli, svf_cli, train_cli, adapt_cli, plan_cli):
+    for commands in (infer_cli, svf_cli, train_cli, adapt_cli, plan_cli, export_cli):
         commands.register(subparsers)
     return parser
 
