@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     paths = (
         shipped.builtin_paths(args.model)
         if args.experts == shipped.BUILTIN
