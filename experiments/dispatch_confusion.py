@@ -19,12 +19,10 @@ import numpy as np
 from t2jax import reports
 from t2jax.adaptation.config import FewShotConfig
 from t2jax.adaptation.dispatch import classify, dispatch_confusion
-from t2jax.adaptation.expert_model import build_expert_model, parse_expert_paths
+from t2jax.adaptation.expert_model import build_expert_model, load_named_experts
 from t2jax.adaptation.few_shot import split_items
 from t2jax.files import write_json_atomically
 from t2jax.loading import load_model
-from t2jax.svf import experts as experts_lib
-from t2jax.svf import shipped
 from t2jax.tasks import get_task
 
 
@@ -47,13 +45,7 @@ def main() -> None:
     args = parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = (
-        shipped.builtin_paths(args.model)
-        if args.experts == shipped.BUILTIN
-        else parse_expert_paths(args.experts)
-    )
-    experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
-    classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
+    experts, classifier = load_named_experts(args.model, args.experts, args.cls_expert)
     model = build_expert_model(load_model(args.model), experts, classifier)
     questions = {}
     for name in args.tasks.split(","):

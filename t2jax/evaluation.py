@@ -24,13 +24,16 @@ import os
 import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from t2jax import files
 from t2jax.tasks import Example, Score, Task, render_prompt, reward_of
+
+if TYPE_CHECKING:  # a type only: the sampler sits beside this module, not below it
+    from t2jax.sampler import Sampler
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -288,7 +291,7 @@ def paired_comparison(
 
 
 def evaluate_model(
-    sampler: Any,
+    sampler: Sampler,
     task: Task,
     examples: Sequence[Example],
     out_dir: str | os.PathLike,

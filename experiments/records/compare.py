@@ -20,7 +20,7 @@ def comparable(value, roots):
     if isinstance(value, list):
         return [comparable(item, roots) for item in value]
     if isinstance(value, str):
-        for root in roots:
+        for root in sorted(roots, key=lambda r: -len(str(r))):  # "a2" before its prefix "a"
             value = value.replace(str(root), "RUN")
     return value
 

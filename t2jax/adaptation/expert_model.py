@@ -12,6 +12,7 @@ from t2jax.adaptation.config import AdaptError
 from t2jax.loading import LoadedModel
 from t2jax.svf import core as svf_lib
 from t2jax.svf import experts as experts_lib
+from t2jax.svf import shipped
 
 CLASSIFIER = "cls"  # route name of the classification expert (official "other" quirk only)
 
@@ -90,3 +91,22 @@ def parse_expert_paths(spec: str) -> dict[str, str]:
             raise ValueError(f"expert {name.strip()!r} is given twice")
         paths[name.strip()] = path.strip()
     return paths
+
+
+def load_named_experts(
+    model: str, experts: str, cls_expert: str | None = None
+) -> tuple[dict[str, experts_lib.Expert], experts_lib.Expert | None]:
+    """(name -> expert, classifier) from "NAME=PATH,..." (or "builtin": `model`'s shipped
+    experts) and a classification expert file (or "builtin"; None: no classifier).
+
+    Raises:
+        ValueError: a malformed spec, or "builtin" for a model without shipped experts.
+        t2jax.svf.experts.ExpertError: an unreadable expert file.
+    """
+    paths = (
+        shipped.builtin_paths(model) if experts == shipped.BUILTIN else parse_expert_paths(experts)
+    )
+    if cls_expert == shipped.BUILTIN:
+        cls_expert = shipped.builtin_paths(model, classifier=True)["cls"]
+    loaded = {name: experts_lib.load_expert(path) for name, path in paths.items()}
+    return loaded, experts_lib.load_expert(cls_expert) if cls_expert else None

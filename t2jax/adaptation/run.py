@@ -22,11 +22,9 @@ from t2jax import reports
 from t2jax.adaptation import pipeline
 from t2jax.adaptation.config import AdaptConfig, AdaptError
 from t2jax.adaptation.dispatch import CATEGORY_OF_TASK, dispatch_confusion
-from t2jax.adaptation.expert_model import ExpertModel, build_expert_model, parse_expert_paths
+from t2jax.adaptation.expert_model import ExpertModel, build_expert_model, load_named_experts
 from t2jax.adaptation.few_shot import split_items
 from t2jax.loading import load_model_section
-from t2jax.svf import shipped
-from t2jax.svf.experts import load_expert
 from t2jax.tasks import CATEGORIES, Example, Task, get_task, render_prompt
 from t2jax.tasks.prompts import render_chat
 
@@ -50,18 +48,11 @@ def load_experts(config: AdaptConfig) -> ExpertModel:
         ValueError: "builtin" for a model without shipped experts.
         t2jax.svf.experts.ExpertError: an unreadable or mismatched expert file.
     """
-    paths = (
-        shipped.builtin_paths(config.model.name)
-        if config.experts == shipped.BUILTIN
-        else parse_expert_paths(config.experts)
-    )
-    if config.strategy != "fewshot" and not set(paths) <= set(CATEGORIES):
-        raise AdaptError(f"dispatch experts must be named code, math or reasoning: {paths}")
-    experts = {name: load_expert(path) for name, path in paths.items()}
-    classifier_path = config.cls_expert
-    if classifier_path == shipped.BUILTIN:
-        classifier_path = shipped.builtin_paths(config.model.name, classifier=True)["cls"]
-    classifier = load_expert(classifier_path) if classifier_path else None
+    experts, classifier = load_named_experts(config.model.name, config.experts, config.cls_expert)
+    if config.strategy != "fewshot" and not set(experts) <= set(CATEGORIES):
+        raise AdaptError(
+            f"dispatch experts must be named code, math or reasoning: {config.experts}"
+        )
     loaded = load_model_section(config.model, progress=config.run.progress)
     return build_expert_model(
         loaded, experts, classifier, cache_root=config.cache_dir, progress=config.run.progress

@@ -20,9 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="write a model with an SVF expert merged into its weights as an HF checkpoint",
-        conflict_handler="resolve",  # --dtype below replaces the loading dtype of the model options
     )
-    options.add_model_arguments(parser)
+    options.add_model_arguments(parser, dtype=False)  # it always loads in float32
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),

@@ -24,19 +24,23 @@ def mesh_shape(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """Adds --model, --dtype and --mesh (shared by every command that loads a model)."""
+def add_model_arguments(
+    parser: argparse.ArgumentParser, required: bool = True, *, dtype: bool = True
+) -> None:
+    """Adds --model, --dtype (unless `dtype` is False) and --mesh (shared by every command that
+    loads a model)."""
     parser.add_argument(
         "--model",
         required=required,
         help="registry name (e.g. smollm2-135m-instruct), .gguf file, HF directory or hub id",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="parameter dtype (default: bfloat16; activations stay float32 on CPU)",
-    )
+    if dtype:
+        parser.add_argument(
+            "--dtype",
+            choices=("float32", "bfloat16"),
+            default=None,
+            help="parameter dtype (default: bfloat16; activations stay float32 on CPU)",
+        )
     parser.add_argument(
         "--mesh",
         type=mesh_shape,

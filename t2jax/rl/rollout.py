@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from t2jax import parallel
-from t2jax.evaluation import evaluate, standard_error
+from t2jax.evaluation import evaluate_model, standard_error
 from t2jax.rl.batch import (
     assemble_batch,
     compute_advantages,
@@ -121,21 +121,15 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Greedy accuracy of W'(z) on examples, with per-sample records in `out_dir` (main process;
     the others write to a temporary directory). Returns accuracy, reward, standard error, n."""
-    sampler = setup.model.sampler_for(z)
-
-    def generate(prompts: list[str]) -> list[str]:
-        return sampler.generate(
-            prompts, max_new_tokens=setup.max_new_tokens, stop_strings=setup.task.stop_strings
-        ).texts
-
     with tempfile.TemporaryDirectory() as scratch:
-        summary = evaluate(
+        summary = evaluate_model(
+            setup.model.sampler_for(z),
             setup.task,
             examples,
-            generate,
             out_dir if parallel.is_main_process() else scratch,
-            rows_per_call=setup.config.task.rows_per_call,
-            prompt_fn=setup.prompt,
+            setup.config.task.rows_per_call,
+            setup.max_new_tokens,
+            official_quirks=setup.config.task.official_quirks,
             config={"split": split},
             show_progress=False,
         )
