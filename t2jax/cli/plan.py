@@ -1,9 +1,10 @@
-"""`t2jax plan`: compile the programs for a TPU topology from any host (needs the aot extra).
+"""`t2jax plan`: compile the programs for a TPU or GPU topology from any host (needs the aot
+extra).
 
     t2jax plan --model Llama-3-8B-Instruct --topology v5e-4 --table
 
-Prints each compiled program's per-device memory and the mesh / RL microbatch / remat that fit,
-and writes every plan to --out (`t2jax.plan.search`). `register` adds the command.
+Prints each compiled program's per-device memory and the mesh / rows per call / RL microbatch /
+remat that fit, and writes every plan to --out (`t2jax.plan.search`). `register` adds the command.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import argparse
 
 from t2jax.cli.options import mesh_shape
+from t2jax.plan.hardware import TOPOLOGIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `plan` to `subparsers` (from `ArgumentParser.add_subparsers`)."""
     parser = subparsers.add_parser(
         "plan",
-        help="compile the programs for a TPU topology from any host: per-device memory and the "
-        "mesh / RL microbatch / remat that fit (needs the aot extra)",
+        help="compile the programs for a TPU or GPU topology from any host: per-device memory "
+        "and the mesh / rows per call / RL microbatch / remat that fit (needs the aot extra)",
     )
     parser.add_argument(
         "--model",
@@ -29,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "repeatable",
     )
     parser.add_argument(
-        "--topology", action="append", required=True, help="v5e-4, v5e-8, v5p-8, ...; repeatable"
+        "--topology",
+        action="append",
+        required=True,
+        help=f"one of {', '.join(TOPOLOGIES)}; repeatable",
     )
     parser.add_argument("--mesh", type=mesh_shape, default=None, help="check this mesh instead")
     parser.add_argument("--batch", type=int, default=32, help="decode rows")
@@ -86,14 +91,33 @@ def _run_plan(args: argparse.Namespace) -> int:
                 programs=programs,
                 log=lambda line: print(line, flush=True),
             )
-            print(
-                f"mesh {result['mesh']}  RL microbatch {result['rl']['microbatch_size']} "
-                f"remat {result['rl']['remat']}  fits: {result['fits']}",
-                flush=True,
-            )
+            print(_verdict(result), flush=True)
             plans.append(result)
             plan_search.write_plan(plans, args.out)
     if args.table:
         print(plan_search.scaling_table(plans))
     print(f"plan: {args.out}")
     return 0
+
+
+def _verdict(result: dict) -> str:
+    """The settings a plan chose, or that nothing it tried fits."""
+    rows = result["workload"]["batch"]
+    settings = (
+        f"mesh {result['mesh']}, {rows} rows per sampler call, RL microbatch "
+        f"{result['rl']['microbatch_size']}, remat {result['rl']['remat']}"
+    )
+    if result["fits"]:
+        return f"fits with {settings}"
+    last_tries = {program["program"]: program for program in result["programs"]}
+    failed = sorted(name for name, program in last_tries.items() if not program["fits"])
+    if result["weights_per_chip_gib"] > result["usable_gib"]:
+        return (
+            f"DOES NOT FIT: the weights alone take {result['weights_per_chip_gib']} GiB per chip "
+            f"sharded over all {result['devices']} (usable: {result['usable_gib']}); use more or "
+            "larger chips"
+        )
+    return (
+        f"DOES NOT FIT: {', '.join(failed)} exceed the memory with every setting tried (last: "
+        f"{settings}); use more or larger chips, shorter sequences or fewer rows"
+    )

@@ -57,18 +57,23 @@ class ProgramMemory:
 
 
 def _exhausted(program: str, error: Exception, began: float, settings: dict[str, Any]):
-    """The `ProgramMemory` of a compile the TPU compiler refused for lack of HBM (the memory it
-    reports using, when it says)."""
+    """The `ProgramMemory` of a compile the TPU compiler refused for lack of HBM, with the
+    memory it reports needing where it says ("Used 20.2G of 15.75G hbm", or "... required for
+    HLO temporaries (22.69G) exceeds ...")."""
     text = str(error)
-    used = re.search(r"Used ([0-9.]+)([GMK])", text)
     scale = {"G": 1, "M": 1 / 1024, "K": 1 / 1024**2}
-    total = float(used.group(1)) * scale[used.group(2)] if used else None
+
+    def gib(pattern: str) -> float | None:
+        found = re.search(pattern, text)
+        return round(float(found.group(1)) * scale[found.group(2)], 3) if found else None
+
     first_line = text.strip().splitlines()[0][:300]
     return ProgramMemory(
         program,
         False,
-        total_gib=total,
-        compile_seconds=time.perf_counter() - began,
+        temporaries_gib=gib(r"HLO temporaries \(([0-9.]+)([GMK])\)"),
+        total_gib=gib(r"Used ([0-9.]+)([GMK])"),
+        compile_seconds=round(time.perf_counter() - began, 1),
         error=first_line,
         settings=settings,
     )

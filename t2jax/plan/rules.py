@@ -31,10 +31,15 @@ if TYPE_CHECKING:  # a type only: loading imports this module, and rl is above l
 WEIGHT_SHARE = 0.4
 # Share of HBM a plan may fill: XLA's estimate excludes fragmentation and runtime buffers.
 USABLE_SHARE = 0.9
-# Per-device bytes of one RL row per sequence position with remat, in units of the model
-# width D (the kept residual stream of every layer plus one layer's recomputed activations);
-# calibrated on Llama-3-8B / v5e-4 compiles (about 1.8 GiB per row per chip at 1024 tokens).
-RL_BYTES_PER_POSITION_PER_WIDTH = 512
+# Per-device bytes of one RL row per sequence position with remat, in units of the model width D:
+# the residual stream each layer keeps for the backward pass, and one layer's recomputed
+# activations (attention, the MLP's intermediate, a log-softmax chunk). Calibrated on compiles of
+# Llama-3-8B on v5e-4 (1.8 GiB per row per chip at 1024 tokens) and Llama-3-70B on v5p-8 (4.7).
+RL_KEPT_BYTES_PER_LAYER = 3
+RL_WORKING_BYTES = 400
+# Layers whose FSDP-gathered weights a sharded RL step holds at once (the compiler prefetches the
+# next layers' weights: about 8 GiB for Llama-3-70B on 8 H100s, 1 GiB on v5p).
+RL_GATHERED_LAYERS = 3
 
 
 def default_mesh_shape(
@@ -42,7 +47,8 @@ def default_mesh_shape(
 ) -> tuple[int, int, int]:
     """(data, fsdp, tensor): weights replicated when they take at most `WEIGHT_SHARE` of a
     chip's HBM, else FSDP-sharded over the fewest devices (a power of two) that brings them
-    under it (all devices when none does). CPU (`hbm_gib` None): all data-parallel."""
+    under it; when even all devices do not, half of them shard the heads instead (tensor
+    parallelism). CPU (`hbm_gib` None): all data-parallel."""
     if hbm_gib is None:
         return (num_devices, 1, 1)
     weights = parameter_bytes(config, dtype)
@@ -50,6 +56,11 @@ def default_mesh_shape(
     while fsdp < num_devices and weights / fsdp > WEIGHT_SHARE * hbm_gib * GIB:
         fsdp *= 2
     fsdp = math.gcd(fsdp, num_devices)
+    still_large = weights / fsdp > WEIGHT_SHARE * hbm_gib * GIB
+    if still_large and fsdp % 2 == 0 and config.num_kv_heads % 2 == 0:
+        # Sharded over every chip and still large: split the heads too (tensor parallelism),
+        # which halves the prefill's activations and leaves the weights' share unchanged.
+        return (num_devices // fsdp, fsdp // 2, 2)
     return (num_devices // fsdp, fsdp, 1)
 
 
@@ -70,7 +81,8 @@ def default_rl_memory(
     targets: Sequence[str] = ("mlp",),
 ) -> RLMemory:
     """Remat on, and the largest microbatch (a multiple of the data-parallel size, at most the
-    batch) whose activations fit the HBM the sharded weights and factors leave free."""
+    batch) whose activations fit the HBM the sharded weights and factors (and a few gathered
+    layers, when sharded) leave free."""
     dtype_bytes = 2
     data_parallel = parallel.data_parallel_size(mesh)
     keys = svf_targets.resolve_targets(targets)
@@ -83,8 +95,10 @@ def default_rl_memory(
         parameter_bytes(config) + config.num_layers * (factor_count - dense_count) * dtype_bytes
     )
     fsdp = mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1)
-    free = USABLE_SHARE * hbm_gib * GIB - static / max(fsdp, 1)
-    per_row = sequence_length * config.hidden_size * RL_BYTES_PER_POSITION_PER_WIDTH
+    gathered = RL_GATHERED_LAYERS * parameter_bytes(config) / config.num_layers if fsdp > 1 else 0
+    free = USABLE_SHARE * hbm_gib * GIB - static / fsdp - gathered
+    width_bytes = RL_KEPT_BYTES_PER_LAYER * config.num_layers + RL_WORKING_BYTES
+    per_row = sequence_length * config.hidden_size * width_bytes
     rows_per_device = max(1, int(free // per_row)) if free > 0 else 1
     size = min(rows_per_device * data_parallel, batch_size)
     size = max(data_parallel, size // data_parallel * data_parallel)
