@@ -2,12 +2,13 @@
 Table 2 (accuracy per method and task, normalized by the base model), Table 3 (wall time of the two
 passes), Fig. 6 (dispatch confusion matrices: rows = true task category, columns = predicted) and
 Fig. 7 (the learned alpha per expert; per-matrix alpha is averaged over matrices, as the official
-code logs it).
+code logs it), and the answers of several runs to the same items side by side.
 
     table = table2({"base": {"math": summary, ...}, "prompt": {...}}, model="smollm2-135m-instruct")
     write_table2(table, "runs/table2")                  # table2.md + table2.json
     plot_confusions({"base": counts, "cls-expert": counts}, "runs/table2/confusion.png")
     plot_alpha({"math": alpha, ...}, ("math", "code", "reasoning"), "runs/table2/alpha.png")
+    print(item_comparison({"base": base_records, "prompt": records}))  # answers side by side
 """
 
 from __future__ import annotations
@@ -131,6 +132,51 @@ def run_markdown(summary: Mapping[str, Any]) -> str:
         f"| {summary['strategy']} | {summary.get('task', '–')} | {summary['n']} | {accuracy} | "
         f"{summary['first_pass_seconds']:.2f} | {summary['second_pass_seconds']:.2f} | {routes} |\n"
     )
+
+
+def item_comparison(columns: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Markdown, one row per item: the gold answer, then per column (e.g. "base", "prompt") the
+    extracted answer marked right or wrong, with the weights that answered it in parentheses when
+    the column's records carry routes (`adaptation.pipeline.score_run`; None: the base weights);
+    a last row gives each column's accuracy.
+
+    Args:
+        columns: title -> scored records (`evaluation.sample_record`) of the same items in the
+            same order.
+
+    Raises:
+        ValueError: columns over different items.
+    """
+    first = next(iter(columns.values()))
+    ids = [record["id"] for record in first]
+    if any([record["id"] for record in records] != ids for records in columns.values()):
+        raise ValueError("every column must hold the same items in the same order")
+    routed = {title: any(r.get("route") for r in records) for title, records in columns.items()}
+    lines = [
+        "| item | gold | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for i, item in enumerate(ids):
+        cells = []
+        for title, records in columns.items():
+            record = records[i]
+            cell = f"{_cell_text(record['extracted'])} {'✓' if record['correct'] else '✗'}"
+            cells.append(f"{cell} ({record['route'] or 'base'})" if routed[title] else cell)
+        lines.append(f"| {item} | {_cell_text(first[i]['gold'])} | " + " | ".join(cells) + " |")
+    totals = []
+    for records in columns.values():
+        correct = sum(bool(record["correct"]) for record in records)
+        totals.append(f"{correct}/{len(records)} ({100 * correct / max(len(records), 1):.1f}%)")
+    lines.append("| accuracy | | " + " | ".join(totals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell_text(value: Any, width: int = 24) -> str:
+    """`value` on one line, at most `width` characters, safe inside a markdown cell ("–": None)."""
+    if value is None:
+        return "–"
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def confusion_counts(true_categories: Sequence[str], predicted: Sequence[str]) -> np.ndarray:

@@ -470,6 +470,49 @@ def test_two_pass_dispatch_on_a_task(setup, tmp_path, strategy, dispatch):
     assert [r["id"] for r in records] == [items[i].id for i in rest[:3]]  # shots left out
 
 
+def test_compare_base_prints_both_answers_of_every_item(setup, tmp_path, capsys):
+    root, _ = setup
+    argv = ["--strategy", "prompt", "--dispatch", "likelihood", "--task", "arc_easy"]
+    assert adapt_command(root, tmp_path, *argv, "--limit", "3", "--compare-base") == 0
+
+    base = [json.loads(line) for line in (tmp_path / "base/samples.jsonl").read_text().splitlines()]
+    adapted = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in base] == [r["id"] for r in adapted]
+    assert all(record["route"] is None for record in base)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    base_summary = json.loads((tmp_path / "base/summary.json").read_text())
+    assert summary["base"]["accuracy"] == base_summary["accuracy"]
+    assert base_summary["strategy"] == "base" and base_summary["n"] == 3
+    table = (tmp_path / "comparison.md").read_text()
+    assert table in capsys.readouterr().out  # the command prints it
+    assert table == reports.item_comparison({"base": base, "adapted (prompt)": adapted})
+
+    # Free prompts have nothing to compare against.
+    assert adapt_command(root, tmp_path, "--prompt", "x", "--compare-base") == 2
+    assert "--compare-base" in capsys.readouterr().err
+
+
+def test_item_comparison_table():
+    def record(item, extracted, correct, **route):
+        return {"id": item, "gold": "B", "extracted": extracted, "correct": correct, **route}
+
+    base = [record("q1", "A", False), record("q2", "B", True)]
+    adapted = [record("q1", "B", True, route="reasoning"), record("q2", None, False, route=None)]
+    assert reports.item_comparison({"base": base, "adapted": adapted}).splitlines() == [
+        "| item | gold | base | adapted |",
+        "|---|---|---|---|",
+        "| q1 | B | A ✗ | B ✓ (reasoning) |",
+        "| q2 | B | B ✓ | – ✗ (base) |",
+        "| accuracy | | 1/2 (50.0%) | 1/2 (50.0%) |",
+    ]
+    program = [record("q1", "def f(x):\n    return x | 1", True)]
+    assert "| def f(x): return x \\| 1 ✓ |" in reports.item_comparison({"code": program})
+    long = [record("q1", "x" * 30, False)]
+    assert f"| {'x' * 23}… ✗ |" in reports.item_comparison({"long": long})
+    with pytest.raises(ValueError, match="same items"):
+        reports.item_comparison({"base": base, "adapted": adapted[::-1]})
+
+
 def test_two_pass_few_shot_on_a_task(setup, tmp_path):
     root, _ = setup
     status = adapt_command(

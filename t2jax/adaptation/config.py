@@ -163,6 +163,8 @@ class AdaptConfig:
             or "builtin": the model's shipped experts (`t2jax expert list`).
         cls_expert: the classification expert file (strategy "cls"), or "builtin".
         cache_dir: SVD factor cache root (None: the user cache directory).
+        compare_base: also answer the task's items with the base weights (written to base/ in
+            the run directory) and compare them item by item (comparison.md).
         requests: what is answered.
         options: settings of the two passes and the few-shot search.
         run: output directory and progress.
@@ -173,6 +175,7 @@ class AdaptConfig:
     experts: str = ""
     cls_expert: str | None = None
     cache_dir: str | None = None
+    compare_base: bool = False
     requests: RequestsSection = RequestsSection()
     options: AdaptOptions = AdaptOptions()
     run: OutputSection = OutputSection()
@@ -204,6 +207,10 @@ class AdaptConfig:
         require(
             self.strategy != "cls" or self.cls_expert is not None,
             "strategy 'cls' needs cls_expert (--cls-expert)",
+        )
+        require(
+            not self.compare_base or (has_task and not has_prompts),
+            "compare_base (--compare-base) compares answers to a task's items, not free prompts",
         )
         return self
 

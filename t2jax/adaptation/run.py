@@ -10,7 +10,9 @@ with a strategy, write the run directory (what `t2jax adapt` and adaptation swee
 
 The directory gets confusion.png (dispatch on a task) or alpha.png (few-shot), then samples.jsonl,
 summary.json and summary.md (`pipeline.write_run`); summary.json is written last, so its presence
-marks a finished run.
+marks a finished run. With `compare_base`, the base model's run of the same items goes to base/
+first, comparison.md shows both answers of every item (`reports.item_comparison`) and the
+summary gets the base accuracy ("base").
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from t2jax import reports
+from t2jax import evaluation, files, reports
 from t2jax.adaptation import pipeline
 from t2jax.adaptation.config import AdaptConfig, AdaptError
 from t2jax.adaptation.dispatch import CATEGORY_OF_TASK, dispatch_confusion
@@ -27,6 +29,9 @@ from t2jax.adaptation.few_shot import split_items
 from t2jax.loading import load_model_section
 from t2jax.tasks import CATEGORIES, Example, Task, get_task, render_prompt
 from t2jax.tasks.prompts import render_chat
+
+BASE_DIR = "base"  # the base model's run inside an adapted run's directory (compare_base)
+COMPARISON_FILE = "comparison.md"
 
 
 def run_directory(config: AdaptConfig) -> pathlib.Path:
@@ -97,23 +102,41 @@ def run_adapt(config: AdaptConfig, model: ExpertModel | None = None) -> dict[str
     task = get_task(config.requests.task) if config.requests.task else None
     items = task.load(config.requests.split, config.requests.data_dir) if task is not None else []
     model = model or load_experts(config)
+    out = run_directory(config)
+    out.mkdir(parents=True, exist_ok=True)
     if config.requests.prompts:
         run = answer_prompts(model, config, task, items)
     else:
-        run = pipeline.evaluate_method(
-            model,
-            config.strategy,
-            task,
-            items,
-            config.options,
-            limit=config.requests.limit,
-            progress=config.run.progress,
-        )
-    out = run_directory(config)
-    out.mkdir(parents=True, exist_ok=True)
+        run = _task_run(model, config, config.strategy, task, items)
     plot_run(out, run, config.requests.task)
-    _, summary = pipeline.write_run(out, run, None if config.requests.prompts else task)
+    if not config.compare_base:
+        return pipeline.write_run(out, run, None if config.requests.prompts else task)[1]
+    base_records, base_summary = pipeline.write_run(
+        out / BASE_DIR, _task_run(model, config, "base", task, items), task
+    )
+    records, summary = pipeline.score_run(run, task)
+    summary["base"] = {key: base_summary[key] for key in ("correct", "accuracy", "standard_error")}
+    files.write_text_atomically(
+        out / COMPARISON_FILE,
+        reports.item_comparison({"base": base_records, f"adapted ({config.strategy})": records}),
+    )
+    evaluation.write_run(out, records, summary, reports.run_markdown)
     return summary
+
+
+def _task_run(
+    model: ExpertModel, config: AdaptConfig, method: str, task: Task, items: list[Example]
+) -> pipeline.AdaptRun:
+    """The run's items of `task` answered by `method` ("base" or the strategy)."""
+    return pipeline.evaluate_method(
+        model,
+        method,
+        task,
+        items,
+        config.options,
+        limit=config.requests.limit,
+        progress=config.run.progress,
+    )
 
 
 def plot_run(out: pathlib.Path, run: pipeline.AdaptRun, task_name: str | None) -> None:

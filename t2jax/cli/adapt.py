@@ -16,7 +16,8 @@ left after taking the few-shot shots of the split (official seeds: MATH 27, Huma
 ARC-Challenge 38; other tasks: every item unless --few-shot-seed is given), the items the few-shot
 strategy reports on; "fewshot" adapts on those shots. With --prompt, the texts are answered instead
 (fewshot still adapts on the task). Writes samples.jsonl, summary.json and summary.md to --out,
-plus confusion.png (dispatch on a task) or alpha.png (few-shot).
+plus confusion.png (dispatch on a task) or alpha.png (few-shot); --compare-base also answers the
+items with the base weights (--out/base/) and prints both answers of every item (comparison.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ FLAG_PATHS = {
     "strategy": "strategy",
     "cls_expert": "cls_expert",
     "cache_dir": "cache_dir",
+    "compare_base": "compare_base",
     "task": "requests.task",
     "split": "requests.split",
     "limit": "requests.limit",
@@ -94,6 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="official (Llama-3) prompt rendering",
     )
     add_few_shot_arguments(parser.add_argument_group("few-shot CEM"))
+    parser.add_argument(
+        "--compare-base",
+        action="store_const",
+        const=True,
+        help="also answer the items with the base weights and print both, item by item",
+    )
     parser.add_argument("--cache-dir", help="SVD factor cache root")
     parser.add_argument("--out", help="default: runs/adapt/MODEL-STRATEGY-TASK")
     parser.add_argument("--no-progress", action="store_true")
@@ -126,11 +134,13 @@ def adapt_config(args: argparse.Namespace):  # -> AdaptConfig (imported lazily)
 
 
 def _run_adapt(args: argparse.Namespace) -> int:
-    from t2jax.adaptation.run import run_adapt, run_directory
+    from t2jax.adaptation.run import COMPARISON_FILE, run_adapt, run_directory
 
     config = adapt_config(args)
     summary = run_adapt(config)
     keys = ("strategy", "task", "n", "accuracy", "first_pass_seconds", "second_pass_seconds")
     print(json.dumps({key: summary[key] for key in keys if key in summary}))
+    if config.compare_base:
+        print((run_directory(config) / COMPARISON_FILE).read_text(), end="")
     print(f"records: {run_directory(config)}")
     return 0
