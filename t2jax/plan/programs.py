@@ -185,6 +185,11 @@ class Programs:
             self.eos,
         )
 
+    @property
+    def has_decode_state(self) -> bool:
+        """Whether `decode_state` has been built (from a compiled prefill's shardings)."""
+        return self._state is not None
+
     def decode_state(self, compiled_prefill: Any = None) -> sampler.DecodeState:
         """The abstract decode state the prefill returns (with its output shardings)."""
         if self._state is None:

@@ -50,10 +50,11 @@ def _sampling_candidates(
 def _compile_sampling(
     compiler: Programs, programs: Sequence[str], usable: float, settings: dict[str, Any]
 ) -> list[ProgramMemory]:
-    """Compiles the sampling `programs` (the decode loops need the prefill's output state)."""
+    """Compiles the sampling `programs` (the decode loops need the prefill's output state,
+    which the prefill's compile gives once per `Programs`)."""
     results = []
-    compiled_prefill = None
-    if {"prefill", "decode", "factored_decode"} & set(programs):
+    needs_state = {"decode", "factored_decode"} & set(programs) and not compiler.has_decode_state
+    if "prefill" in programs or needs_state:
         result, compiled_prefill = measure("prefill", compiler.prefill, usable, settings)
         if "prefill" in programs:
             results.append(result)
@@ -74,19 +75,24 @@ def _sampling_search(
     explicit: bool,
     record: Callable[[ProgramMemory], None],
 ) -> Programs:
-    """Compiles the sampling programs with the default mesh and rows; when one does not fit
-    (and the mesh was not given), tries `_sampling_candidates` until all fit. Every compiled
-    program goes to `record`; returns the `Programs` of the last settings tried."""
+    """Compiles the prefill and decode loop with the default mesh and rows; when one does not
+    fit (and the mesh was not given), tries `_sampling_candidates` until both fit. The factored
+    decode and the merge (which fewer rows do not shrink) are compiled once, at the settings
+    found. Every compile goes to `record`; returns the `Programs` of those settings."""
+    searched = [name for name in ("prefill", "decode") if name in programs]
     candidates = _sampling_candidates(shape, config.num_kv_heads, workload.batch)
     for mesh_shape, rows in candidates[:1] if explicit else candidates:
         mesh = parallel.make_mesh(MeshConfig(shape=mesh_shape), devices=devices)
         compiler = Programs(config, mesh, dataclasses.replace(workload, batch=rows))
         settings = {"mesh": list(mesh_shape), "batch": rows}
-        results = _compile_sampling(compiler, programs, usable, settings)
+        results = _compile_sampling(compiler, searched, usable, settings)
         for result in results:
             record(result)
         if all(result.fits for result in results):
             break
+    others = [name for name in ("factored_decode", "merge") if name in programs]
+    for result in _compile_sampling(compiler, others, usable, settings):
+        record(result)
     return compiler
 
 
