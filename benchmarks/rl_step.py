@@ -1,0 +1,131 @@
+"""Benchmark: seconds per RL update (REINFORCE on SVF), split into rollout, scoring and gradient.
+
+The training step of `t2jax.rl.trainer` in its phases, with the functions it runs: rollouts
+(`rl.rollout.generate_rollouts`, W'(z) merged into the weights), scoring with the task's official
+scorer (`score_rollouts`), the teacher-forced forward/backward (`rl.loss.compute_gradients`) and
+the optimizer update (`apply_gradients`). The rollouts and their scores do not depend on how the
+gradient applies W', so each step generates and scores one batch, then times the gradient of that
+same batch in every variant (merged / factored SVF x remat off / on), interleaved, so load on a
+shared machine hits every variant alike. One untimed warm-up step compiles everything; the
+figures are medians over `--steps` timed steps.
+
+The configuration is the `cpu` preset of `experiments/configs/svf.py` (batch 32, 128 new tokens,
+microbatches of 8), overridable with `--set KEY=VALUE`.
+
+    python benchmarks/rl_step.py [--model smollm2-135m-instruct] [--task gsm8k] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from t2jax import configuration
+from t2jax.rl.config import TrainConfig
+from t2jax.rl.loss import LossOptions, apply_gradients, compute_gradients, init_state
+from t2jax.rl.rollout import generate_rollouts, policy_batch, score_rollouts
+from t2jax.rl.setup import Setup, load_setup
+from t2jax.svf import core as svf_lib
+
+VARIANTS = {
+    "merged": {"svf.mode": "merged", "rl.remat": False},
+    "merged + remat": {"svf.mode": "merged", "rl.remat": True},
+    "factored": {"svf.mode": "factored", "rl.remat": False},
+    "factored + remat": {"svf.mode": "factored", "rl.remat": True},
+}
+
+
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """`fn(*args, **kwargs)` (its device work finished) and its wall seconds."""
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args, **kwargs))
+    return result, time.perf_counter() - start
+
+
+def gradient_step(setup: Setup, config: TrainConfig, state, batch, num_microbatches: int):
+    """The gradient and optimizer update of one batch under `config`'s SVF mode and remat."""
+    grads, _ = compute_gradients(
+        setup.model.config,
+        LossOptions.from_config(config.svf, config.rl),
+        state.params,
+        setup.model.weights,
+        setup.model.factors,
+        batch,
+        num_microbatches,
+    )
+    return apply_gradients(config.rl, state, grads)
+
+
+def benchmark(setup: Setup, steps: int) -> dict[str, list[float]]:
+    """Per-phase seconds of `steps` timed steps (after one warm-up step)."""
+    config = setup.config
+    params = setup.initial_params()
+    z = svf_lib.z_of(params, config.svf.parametrization)
+    variants = {
+        name: configuration.with_overrides(config, overrides)
+        for name, overrides in VARIANTS.items()
+    }
+    seconds: dict[str, list[float]] = {"rollout": [], "score": [], "batch": []}
+    seconds.update({f"gradient: {name}": [] for name in variants})
+    for step in range(steps + 1):
+        examples = setup.train[step * config.rl.batch_size : (step + 1) * config.rl.batch_size]
+        rollouts, rollout_s = timed(generate_rollouts, setup, z, examples, seed=step)
+        rollouts, score_s = timed(score_rollouts, setup, rollouts)
+        (batch, count), batch_s = timed(policy_batch, setup, rollouts)
+        gradient_s = {}
+        for name, variant in variants.items():
+            # The update donates its state: every variant starts from its own copy of params.
+            state = init_state(jax.tree.map(jnp.copy, params), variant.rl)
+            _, gradient_s[name] = timed(gradient_step, setup, variant, state, batch, count)
+        if step == 0:
+            continue  # compilation
+        for name, value in (("rollout", rollout_s), ("score", score_s), ("batch", batch_s)):
+            seconds[name].append(value)
+        for name, value in gradient_s.items():
+            seconds[f"gradient: {name}"].append(value)
+    return seconds
+
+
+def report(seconds: dict[str, list[float]]) -> str:
+    """A Markdown table: median seconds per phase and the share of a merged-SVF update."""
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    update = median["rollout"] + median["score"] + median["batch"] + median["gradient: merged"]
+    lines = ["| phase | median s | share of a merged update |", "|---|---:|---:|"]
+    for name, value in median.items():
+        lines.append(f"| {name} | {value:.2f} | {100 * value / update:.0f}% |")
+    lines.append(f"| update (rollout + score + batch + merged gradient) | {update:.2f} | 100% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--task", default="gsm8k")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+    args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides.update({"run.progress": False})
+    config = configuration.resolve_config(
+        TrainConfig,
+        f"experiments/configs/svf.py:model={args.model},task={args.task},preset=cpu",
+        overrides,
+    )
+    setup = load_setup(config)
+    rl = setup.config.rl
+    print(
+        f"{args.model} on {args.task}: {rl.batch_size} prompts x {rl.samples_per_prompt} "
+        f"samples, {setup.max_new_tokens} new tokens, microbatches of {rl.microbatch_size}, "
+        f"{args.steps} timed steps after 1 warm-up; backend {jax.default_backend()}"
+    )
+    print(report(benchmark(setup, args.steps)))
+
+
+if __name__ == "__main__":
+    main()
