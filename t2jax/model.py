@@ -27,12 +27,16 @@ import jax
 import jax.numpy as jnp
 
 from t2jax import ops
+from t2jax.adapters import core as adapters
 from t2jax.config import ModelConfig, RopeScaling
 from t2jax.svf import core as svf_lib
 
 Array = jax.Array
 LayerDict = dict[str, Array]
 Layers = LayerDict | tuple[LayerDict, ...]
+# What the forward applies to named kernels: SVF (merged or factored) or LoRA / IA3 / DoRA.
+LayerAdaptation = svf_lib.LayerSVF | adapters.LayerAdapters
+Adaptation = svf_lib.ModelSVF | adapters.ModelAdapters
 
 ATTN_KERNELS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_KERNELS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -239,13 +243,17 @@ def _block_scores(q: Array, k: Array, mask: Array, groups: int) -> Array:
     return jnp.where(visible, scores, jnp.finfo(jnp.float32).min)  # [B, K, M, S]
 
 
-def _project(x: Array, layer: LayerDict, name: str, svf_layer: svf_lib.LayerSVF | None) -> Array:
-    """x @ W (+ bias), where W is the dense kernel or, for SVF targets, its adapted factors."""
-    if svf_layer is not None and name in svf_layer.targets:
-        out = svf_lib.adapted_matmul(x, svf_layer.targets[name], svf_layer.mode)  # [B, T, out]
+def _project(x: Array, layer: LayerDict, name: str, svf_layer: LayerAdaptation | None) -> Array:
+    """x @ W (+ bias), where W is the dense kernel, for SVF targets its adapted factors, and for
+    LoRA / IA3 / DoRA targets the dense kernel with the adapter applied."""
+    target = None if svf_layer is None else svf_layer.targets.get(name)
+    bias = layer.get(f"{name}.bias")
+    if target is not None and not isinstance(target, svf_lib.SVFTarget):
+        return adapters.project(x, layer[name], bias, target)  # [B, T, out]
+    if target is not None:
+        out = svf_lib.adapted_matmul(x, target, svf_layer.mode)  # [B, T, out]
     else:
         out = ops.matmul(x, layer[name])  # [B, T, out]
-    bias = layer.get(f"{name}.bias")
     return out if bias is None else out + bias
 
 
@@ -253,7 +261,7 @@ def _decoder_layer(
     config: ModelConfig,
     x: Array,
     layer: LayerDict,
-    svf_layer: svf_lib.LayerSVF | None,
+    svf_layer: LayerAdaptation | None,
     layer_cache: tuple[Array, Array] | None,
     positions: Array,
     masks: tuple[Array, Array | None],
@@ -331,7 +339,7 @@ def forward(
     positions: Array,
     token_mask: Array,
     cache: KVCache | None = None,
-    svf: svf_lib.ModelSVF | None = None,
+    svf: Adaptation | None = None,
     *,
     empty_cache: bool = False,
     remat: bool = False,
@@ -346,7 +354,8 @@ def forward(
         token_mask: [B, T] bool, True for real tokens.
         cache: KV cache (in the weights' layer layout) to attend to and append to at
             `cache.index`; None for a cache-free pass over just these tokens (training, scoring).
-        svf: SVF adaptation (merged or factored) of some kernels, or None for the base model.
+        svf: SVF adaptation (merged or factored) of some kernels, a LoRA / IA3 / DoRA adapter
+            (`t2jax.adapters.core.ModelAdapters`), or None for the base model.
         empty_cache: `cache` holds nothing yet (a prefill): its slots are written but not
             attended to, which skips attention over S empty slots.
         remat: recompute each layer's activations in the backward pass instead of keeping them

@@ -10,7 +10,7 @@ PACKAGE = REPO / "t2jax"
 MAX_MODULE_LINES = 500
 # Layers, lowest first: a module may import (at module level) only from its own layer or below.
 LAYERS = [
-    {"configuration", "config", "ops", "files", "padding", "svf.core"},
+    {"configuration", "config", "ops", "files", "padding", "svf.core", "adapters"},
     {"checkpoints", "parallel", "model", "plan.hardware", "plan.models"},
     {"plan.rules", "loading", "logprobs", "tasks", "svf.targets", "svf.factors", "svf.cache"},
     {"svf.experts", "svf.shipped"},

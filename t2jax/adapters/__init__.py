@@ -1,0 +1,1 @@
+"""Adapter kinds beside SVF (LoRA, IA3, DoRA): pytrees applied to named kernels in the forward."""
