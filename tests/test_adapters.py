@@ -178,22 +178,14 @@ def test_stacked_layers_give_the_unstacked_logits(tmp_path):
     )
 
 
-def _shapes(config, modules) -> dict[str, tuple[int, int]]:
-    return {key: svf_targets.kernel_shape(config, key) for key in map(_hf_key, modules)}
-
-
-def test_parameter_counts_are_the_papers():
-    """Llama-3-8B, r = 16: 6,815,744 on q/v (the paper's LoRA), 35,127,296 with the MLP too."""
+def test_ia3_and_dora_parameter_counts():
+    """Llama-3-8B (LoRA's counts: tests/test_svd.py): IA3 scales k and v outputs (1024 each) and
+    down_proj's input (14336) per layer; DoRA adds one magnitude per output feature to LoRA."""
     config = plan_models.model_config("Llama-3-8B-Instruct")
-    layers = config.num_layers
-    attention = _shapes(config, ["q_proj", "v_proj"])
-    with_mlp = _shapes(config, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
-    assert adapters.parameter_count("lora", attention, layers) == 6_815_744
-    assert adapters.parameter_count("lora", with_mlp, layers) == 35_127_296
-    # IA3 on k, v outputs (1024 each) and down_proj's input (14336), per layer.
-    ia3 = _shapes(config, IA3_MODULES)
-    assert adapters.parameter_count("ia3", ia3, layers) == (1024 + 1024 + 14336) * 32
-    # DoRA adds one magnitude per output feature to LoRA.
-    assert adapters.parameter_count("dora", attention, layers) == 6_815_744 + (4096 + 1024) * 32
+    ia3 = [_hf_key(module) for module in IA3_MODULES]
+    qv = svf_targets.resolve_targets("qv")
+    assert svf_targets.adapter_param_count(config, "ia3", ia3) == (1024 + 1024 + 14336) * 32
+    lora = svf_targets.adapter_param_count(config, "lora", qv, 16)
+    assert svf_targets.adapter_param_count(config, "dora", qv, 16) == lora + (4096 + 1024) * 32
     with pytest.raises(ValueError, match="unknown adapter kind"):
-        adapters.parameter_count("bitfit", attention, layers)
+        svf_targets.adapter_param_count(config, "bitfit", qv)

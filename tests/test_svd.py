@@ -204,11 +204,11 @@ def test_exact_parameter_counts_for_llama3_8b_from_shapes_only():
     assert svf_targets.svf_param_count(config, svf_targets.resolve_targets("mlp")) == 393_216
     assert svf_targets.svf_param_count(config, svf_targets.resolve_targets("qv")) == 163_840
     assert (
-        svf_targets.lora_param_count(config, svf_targets.resolve_targets("qv"), rank=16)
+        svf_targets.adapter_param_count(config, "lora", svf_targets.resolve_targets("qv"), 16)
         == 6_815_744
     )
     assert (
-        svf_targets.lora_param_count(config, svf_targets.resolve_targets("qv,mlp"), rank=16)
+        svf_targets.adapter_param_count(config, "lora", svf_targets.resolve_targets("qv,mlp"), 16)
         == 35_127_296
     )
 

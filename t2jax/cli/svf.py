@@ -24,6 +24,7 @@ import numpy as np
 
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import ModelConfig
+from t2jax.plan import models as plan_models
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import experts as experts_lib
 from t2jax.svf import factors as svf_factors
@@ -95,10 +96,12 @@ def _decompose(args: argparse.Namespace) -> int:
 
 def _register_params(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "params", help="exact trainable-parameter counts of SVF (and LoRA) for a model"
+        "params", help="exact trainable-parameter counts of SVF, LoRA, DoRA and IA3 for a model"
     )
     parser.add_argument(
-        "--model", required=True, help="an HF config.json (shapes only), or any model as loaded"
+        "--model",
+        required=True,
+        help="an HF config.json or a paper model name (shapes only), or any model as loaded",
     )
     _add_targets(parser)
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank to compare with")
@@ -111,8 +114,11 @@ def _params(args: argparse.Namespace) -> int:
     shapes = svf_targets.svf_param_shapes(config, targets)
     print(f"targets: {', '.join(f'{key} [{L} x {R}]' for key, (L, R) in shapes.items())}")
     print(f"SVF trainable parameters: {svf_targets.svf_param_count(config, targets):,}")
-    lora = svf_targets.lora_param_count(config, targets, args.lora_rank)
-    print(f"LoRA rank {args.lora_rank} on the same matrices: {lora:,}")
+    for kind, name in (("lora", "LoRA"), ("dora", "DoRA")):
+        count = svf_targets.adapter_param_count(config, kind, targets, args.lora_rank)
+        print(f"{name} rank {args.lora_rank} on the same matrices: {count:,}")
+    ia3 = svf_targets.adapter_param_count(config, "ia3", targets)
+    print(f"IA3 on the same matrices (down_proj's input, the others' output): {ia3:,}")
     return 0
 
 
@@ -120,6 +126,8 @@ def _model_config(model: str) -> ModelConfig:
     """The config of an HF config.json file (no weights needed) or of a loadable model."""
     if model.endswith(".json"):
         return ModelConfig.from_hf(json.loads(pathlib.Path(model).read_text()))
+    if model in plan_models.PAPER_MODELS:
+        return plan_models.model_config(model)
     return load_checkpoint(model, progress=False).config
 
 

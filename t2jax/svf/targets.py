@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 
 from t2jax import model as model_lib
+from t2jax.adapters import core as adapters
 from t2jax.checkpoints import common as checkpoints_common
 from t2jax.config import ModelConfig
 from t2jax.svf import core as svf_lib
@@ -90,10 +91,13 @@ def svf_param_count(config: ModelConfig, targets: Sequence[str]) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract))
 
 
-def lora_param_count(config: ModelConfig, targets: Sequence[str], rank: int) -> int:
-    """Trainable parameters of LoRA with `rank` on the same kernels: rank * (in + out) each.
+def adapter_param_count(
+    config: ModelConfig, kind: str, targets: Sequence[str], rank: int = 16
+) -> int:
+    """Trainable parameters of a LoRA / IA3 / DoRA adapter (`kind`) on the same kernels
+    (`t2jax.adapters.core.parameter_count`).
 
-    Llama-3-8B, rank 16 on q/v: 6,815,744 (spec section 1.5).
+    Llama-3-8B, LoRA rank 16 on q/v: 6,815,744 (spec section 1.5).
     """
-    per_layer = sum(rank * sum(kernel_shape(config, key)) for key in targets)
-    return config.num_layers * per_layer
+    shapes = {key: kernel_shape(config, key) for key in targets}
+    return adapters.parameter_count(kind, shapes, config.num_layers, rank)
