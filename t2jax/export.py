@@ -19,9 +19,7 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,6 +28,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from t2jax import files
 from t2jax import model as model_lib
 from t2jax.checkpoints.common import hf_layer_tensor_names
 from t2jax.checkpoints.hf import model_config_from_hf
@@ -86,7 +85,7 @@ def export_expert(
         ExportError, experts_lib.ExpertError, svf_cache.FingerprintError: see `export_hf`; the
             expert is checked before anything is decomposed or written.
     """
-    check_destination(pathlib.Path(out_dir), overwrite)
+    files.check_destination(pathlib.Path(out_dir), overwrite)
     factors = None
     if expert is not None:
         experts_lib.check_shapes(expert, loaded.config)
@@ -130,7 +129,7 @@ def export_hf(
     """
     out = pathlib.Path(out_dir)
     saved_dtype = _saved_dtype(dtype)
-    check_destination(out, overwrite)
+    files.check_destination(out, overwrite)
     z = _checked_z(loaded, factors, expert)
     hf_config = export_config(loaded, dtype, out / "config.json")
     weights = loaded.weights
@@ -144,7 +143,7 @@ def export_hf(
         _write_json(directory / "generation_config.json", generation_config(loaded))
         loaded.tokenizer.save_pretrained(str(directory))
 
-    write_directory(out, write, overwrite=overwrite)
+    files.write_directory(out, write, overwrite=overwrite)
     return out
 
 
@@ -288,46 +287,6 @@ def hf_tensors(
 
 # ----------------------------------------------------------------------------------------------
 # The directory, written all at once.
-
-
-def check_destination(out: pathlib.Path, overwrite: bool) -> None:
-    """Raises `ExportError` when `out` is a file, or a non-empty directory and not `overwrite`."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-
-
-def write_directory(
-    out: pathlib.Path, write: Callable[[pathlib.Path], None], *, overwrite: bool
-) -> None:
-    """Runs `write` on a fresh temporary directory next to `out`, flushes its files, then renames
-    it to `out` (replacing an existing `out` when `overwrite`). On any error the temporary
-    directory is removed and `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex
-    temporary = out.with_name(f".{out.name}.{tag}.tmp")
-    previous = out.with_name(f".{out.name}.{tag}.old")
-    temporary.mkdir()
-    try:
-        write(temporary)
-        for file in temporary.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-        check_destination(out, overwrite)
-        if out.is_dir():
-            os.replace(out, previous)
-        try:
-            os.replace(temporary, out)
-        except BaseException:
-            if previous.exists():
-                os.replace(previous, out)
-            raise
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:

@@ -1,14 +1,21 @@
 """LoRA / IA3 / DoRA in t2jax's forward against HF PEFT on tiny random Llama and Qwen2 models:
-shared adapters, merged kernels and one adapter per row; exact parameter counts."""
+shared adapters, merged kernels and one adapter per row; exact parameter counts; PEFT's file
+format both ways, with clear errors for bad adapters."""
+
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import tiny
 
+from t2jax import files
 from t2jax import model as model_lib
 from t2jax.adapters import core as adapters
+from t2jax.adapters import peft_format
 from t2jax.loading import load_model
 from t2jax.plan import models as plan_models
 from t2jax.svf import targets as svf_targets
@@ -189,3 +196,100 @@ def test_ia3_and_dora_parameter_counts():
     assert svf_targets.adapter_param_count(config, "dora", qv, 16) == lora + (4096 + 1024) * 32
     with pytest.raises(ValueError, match="unknown adapter kind"):
         svf_targets.adapter_param_count(config, "bitfit", qv)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_adapter_round_trips_through_t2jax(tmp_path, method):
+    """PEFT saves an adapter; t2jax reads it (same logits as PEFT), writes it back, and
+    `PeftModel.from_pretrained` loads t2jax's files to the same logits."""
+    model = peft_model(tmp_path / "model", "qwen2_untied", method, seed=4)
+    model.save_pretrained(tmp_path / "saved_by_peft")
+    loaded = load_model(str(tmp_path / "model"), dtype=jnp.float32, stacked=False, progress=False)
+    adapter = peft_format.load_peft(tmp_path / "saved_by_peft", loaded.config)
+    tokens, mask = batch()
+    theirs = peft_logits(model, tokens, mask)
+    rows = np.asarray(mask)
+    ours = t2jax_logits(loaded, loaded.weights, adapter, tokens, mask)
+    assert np.abs(ours - theirs)[rows].max() <= TOLERANCE
+
+    out = peft_format.save_peft(tmp_path / "saved_by_t2jax", adapter, loaded.config, alpha=8)
+    base = tiny.make_torch_model("qwen2_untied", seed=0)
+    reloaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    assert np.abs(peft_logits(reloaded, tokens, mask) - theirs)[rows].max() <= TOLERANCE
+    assert not list(tmp_path.glob(".saved_by_t2jax.*")), "temporary directory left behind"
+
+
+@pytest.fixture(scope="module")
+def saved_lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    model = peft_model(root / "model", "llama", "lora", seed=5)
+    model.save_pretrained(root / "adapter")
+    loaded = load_model(str(root / "model"), dtype=jnp.float32, stacked=False, progress=False)
+    return root, loaded
+
+
+def _broken_copy(source, target, edit_config=None, edit_tensors=None, truncate=False):
+    shutil.copytree(source, target)
+    if edit_config:
+        path = target / peft_format.CONFIG_FILE
+        path.write_text(json.dumps(edit_config(json.loads(path.read_text()))))
+    path = target / peft_format.WEIGHTS_FILE
+    if edit_tensors:
+        safetensors.numpy.save_file(edit_tensors(safetensors.numpy.load_file(path)), path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return target
+
+
+def _renamed(tensors):
+    return {key.replace("q_proj", "q_projection"): value for key, value in tensors.items()}
+
+
+def _one_dropped(tensors):
+    return dict(list(tensors.items())[1:])
+
+
+BAD_ADAPTERS = {
+    "truncated": ({"truncate": True}, "not a readable safetensors file"),
+    "wrong rank": (
+        {"edit_config": lambda c: {**c, "r": 8}},
+        r"shape \(4, 96\), expected \(8, 96\) \(rank 8\)",
+    ),
+    "not LoRA": ({"edit_config": lambda c: {**c, "peft_type": "IA3"}}, "reads LORA adapters"),
+    "rslora": ({"edit_config": lambda c: {**c, "use_rslora": True}}, "use_rslora=True"),
+    "unknown module": ({"edit_tensors": _renamed}, "not a LoRA tensor of this model"),
+    "missing tensor": ({"edit_tensors": _one_dropped}, "expected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_bad_peft_adapters_are_clear_errors(saved_lora, tmp_path, case):
+    root, loaded = saved_lora
+    edits, message = BAD_ADAPTERS[case]
+    broken = _broken_copy(root / "adapter", tmp_path / "broken", **edits)
+    with pytest.raises(peft_format.AdapterFormatError, match=message):
+        peft_format.load_peft(broken, loaded.config)
+
+
+def test_adapter_for_another_model_and_missing_files_are_clear_errors(saved_lora, tmp_path):
+    root, loaded = saved_lora
+    other = tiny.save_tiny_checkpoint(tmp_path / "other", "llama_mha_tied", seed=0)
+    del other
+    wider = load_model(str(tmp_path / "other"), dtype=jnp.float32, progress=False)
+    with pytest.raises(peft_format.AdapterFormatError, match="expected"):
+        peft_format.load_peft(root / "adapter", wider.config)  # 4 kv heads: v_proj is wider
+    with pytest.raises(peft_format.AdapterFormatError, match=r"needs adapter_config\.json"):
+        peft_format.load_peft(tmp_path, loaded.config)
+
+
+def test_writing_refuses_a_full_directory_and_what_peft_cannot_hold(saved_lora, tmp_path):
+    root, loaded = saved_lora
+    adapter = peft_format.load_peft(root / "adapter", loaded.config)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(files.DestinationError, match="not empty"):
+        peft_format.save_peft(tmp_path / "full", adapter, loaded.config, alpha=8)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(peft_format.AdapterFormatError, match="not alpha / r"):
+        peft_format.save_peft(tmp_path / "new", adapter, loaded.config, alpha=3)
+    assert not (tmp_path / "new").exists()

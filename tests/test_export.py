@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 import tiny
 
-from t2jax import export
+from t2jax import export, files
 from t2jax import model as model_lib
 from t2jax.checkpoints import load_checkpoint
 from t2jax.cli import app as cli
@@ -156,7 +156,7 @@ def test_existing_output_needs_overwrite(tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(export.ExportError, match="not empty"):
+    with pytest.raises(files.DestinationError, match="not empty"):
         export.export_hf(loaded, None, None, out)
     assert [path.name for path in out.iterdir()] == ["keep.txt"]
 

@@ -10,8 +10,8 @@ PACKAGE = REPO / "t2jax"
 MAX_MODULE_LINES = 500
 # Layers, lowest first: a module may import (at module level) only from its own layer or below.
 LAYERS = [
-    {"configuration", "config", "ops", "files", "padding", "svf.core", "adapters"},
-    {"checkpoints", "parallel", "model", "plan.hardware", "plan.models"},
+    {"configuration", "config", "ops", "files", "padding", "svf.core", "adapters.core"},
+    {"checkpoints", "parallel", "model", "plan.hardware", "plan.models", "adapters.peft_format"},
     {"plan.rules", "loading", "logprobs", "tasks", "svf.targets", "svf.factors", "svf.cache"},
     {"svf.experts", "svf.shipped"},
     {"sampler", "metrics", "evaluation", "reports", "adapted", "export"},

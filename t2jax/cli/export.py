@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from t2jax import files
 from t2jax.cli import options
 from t2jax.config import MeshConfig, ModelSection
 
@@ -50,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
     from t2jax.svf import experts as experts_lib
 
     out = pathlib.Path(args.out)
-    export.check_destination(out, args.overwrite)  # before any loading
+    files.check_destination(out, args.overwrite)  # before any loading
     expert = experts_lib.load_expert(args.expert) if args.expert else None
     section = ModelSection(name=args.model, dtype="float32", mesh=MeshConfig(shape=args.mesh))
     loaded = load_model_section(section, progress=not args.no_progress)
