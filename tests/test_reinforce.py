@@ -314,3 +314,77 @@ def test_remat_keeps_the_gradient_and_lowers_its_memory(stacked):
         np.testing.assert_allclose(remat_grads[key], plain_grads[key], rtol=1e-4, atol=1e-6)
     plain_bytes = plain.memory_analysis().temp_size_in_bytes
     assert remat.memory_analysis().temp_size_in_bytes < plain_bytes
+
+
+@pytest.mark.torch
+def test_next_token_loss_and_gradient_match_transformers_loss(tmp_path):
+    """With z = 1 (W'(1) = W) the next-token loss of a left-padded batch is transformers'
+    `loss` with labels -100 off the completions, and its gradient w.r.t. z matches finite
+    differences of that loss through the merged weights."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    tensors = svf_tiny.save_hf_dir(tmp_path / "model", seed=4)
+    weights = loading.weights_from_hf(CONFIG, tensors, skip=lambda key: key in TARGETS)
+    factors = svf_tiny.factors(tensors, svf_cache.fingerprint(CONFIG, tensors), TARGETS)
+    plain = svf_lib.Parametrization("plain")
+    shapes = {key: (factors.num_layers, rank) for key, rank in factors.ranks().items()}
+    ones = jax.tree.map(jnp.ones_like, svf_lib.init_params(jax.random.key(0), shapes))
+    batch, _ = _batch(np.full(5, 7.0), seed=3)  # advantages must not matter
+    options = rl_loss.LossOptions(
+        objective="next_token", parametrization=plain, logprob_chunk=RL.logprob_chunk
+    )
+    grads, metrics = rl_loss.compute_gradients(CONFIG, options, ones, weights, factors, batch, 2)
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "model"), dtype=torch.float32
+    ).eval()
+    mask = np.asarray(batch.token_mask) & np.asarray(batch.row_mask)[:, None]
+    labels = np.where(np.asarray(batch.completion_mask) & mask, np.asarray(batch.tokens), -100)
+
+    def transformers_loss(model) -> float:
+        with torch.no_grad():
+            return model(
+                input_ids=torch.tensor(np.asarray(batch.tokens), dtype=torch.long),
+                attention_mask=torch.tensor(mask.astype(np.int64)),
+                position_ids=torch.tensor(np.maximum(np.cumsum(mask, axis=1) - 1, 0)),
+                labels=torch.tensor(labels, dtype=torch.long),
+            ).loss.item()
+
+    reference = transformers_loss(torch_model)
+    print(f"next-token loss {float(metrics['loss']):.6f} vs transformers {reference:.6f}")
+    assert float(metrics["loss"]) == pytest.approx(reference, abs=1e-5)
+
+    # d loss / d z of one singular value, by central differences through transformers.
+    key, layer, index, step = TARGETS[0], 1, 0, 1e-2
+    factor = factors.layers[layer][key]
+    a, s, b = (np.asarray(x, np.float64) for x in (factor.a, factor.s, factor.b))
+    weight_name = f"model.layers.{layer}.{key}.weight"
+
+    def loss_at(scale: float) -> float:
+        z = np.ones_like(s)
+        z[index] = scale
+        kernel = (a * (s * z)) @ b * (s.sum() / (s * z).sum())  # [in, out], nuclear rescale
+        with torch.no_grad():
+            torch_model.get_parameter(weight_name).copy_(
+                torch.tensor(kernel.T, dtype=torch.float32)
+            )
+        return transformers_loss(torch_model)
+
+    finite = (loss_at(1 + step) - loss_at(1 - step)) / (2 * step)
+    print(f"d loss / d z: {float(grads[key][layer, index]):.6f} vs finite differences {finite:.6f}")
+    assert float(grads[key][layer, index]) == pytest.approx(finite, rel=2e-2, abs=1e-4)
+
+
+def test_next_token_objective_ignores_advantages(frozen):
+    params = _params(frozen[1])
+    options = rl_loss.LossOptions(objective="next_token", logprob_chunk=RL.logprob_chunk)
+    weights, factors = frozen
+    losses = [
+        rl_loss.compute_gradients(CONFIG, options, params, weights, factors, _batch(adv)[0])[1]
+        for adv in (np.ones(4), np.array([3.0, -1.0, 0.0, 2.0]))
+    ]
+    assert float(losses[0]["loss"]) == pytest.approx(float(losses[1]["loss"]), rel=1e-6)
+    assert float(losses[0]["loss"]) > 0
+    with pytest.raises(ValueError, match="unknown objective"):
+        rl_loss.LossOptions(objective="sft")

@@ -6,7 +6,9 @@ The objective (spec section 2.2) over a batch of B rollouts y_j with rewards r_j
 
 with A_j = r_j (official; optionally normalized or with a leave-one-out baseline,
 `t2jax.rl.batch.compute_advantages`) and the KL to the base model summed over generated positions
-and the vocabulary, in either direction (spec section 2.3). The log-likelihoods come from a
+and the vocabulary, in either direction (spec section 2.3). The next-token objective (the paper's
+baseline, spec section 2.5) scores reference completions instead: the mean negative
+log-likelihood per completion token over the batch. The log-likelihoods come from a
 teacher-forced pass whose only differentiable input is the SVF parameter pytree p (base weights
 and SVD factors are frozen arguments); the log-softmax is chunked over the sequence
 (`t2jax.logprobs`) and the batch is split into microbatches whose gradients a `lax.scan`
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,9 @@ class LossOptions:
     compiled gradient function.
 
     Attributes:
+        objective: "policy_gradient" (REINFORCE: -A_j LL_j per row, over the batch's rows) or
+            "next_token" (the mean negative log-likelihood per scored token over the batch, as
+            transformers' `loss` with labels -100 off the completion; advantages unused).
         parametrization: how p maps to z.
         mode: how the teacher-forced pass applies W'(z) ("merged" or "factored").
         kl_coeff: lambda (0 skips the reference forward pass).
@@ -75,6 +80,7 @@ class LossOptions:
         remat: recompute layer activations in the backward pass (`model.forward(remat=...)`).
     """
 
+    objective: Literal["policy_gradient", "next_token"] = "policy_gradient"
     parametrization: svf_lib.Parametrization = svf_lib.OFFICIAL_PARAMETRIZATION
     mode: str = "merged"
     kl_coeff: float = 0.0
@@ -82,6 +88,10 @@ class LossOptions:
     length_normalize: bool = False
     logprob_chunk: int = 128
     remat: bool = False
+
+    def __post_init__(self):
+        if self.objective not in ("policy_gradient", "next_token"):
+            raise ValueError(f"unknown objective {self.objective!r}")
 
     @classmethod
     def from_config(cls, svf_config: SVFSection, rl: RLConfig) -> LossOptions:
@@ -121,10 +131,11 @@ def microbatch_loss(
     weights: model_lib.Weights,
     factors: svf_factors.ModelFactors,
     batch: PolicyBatch,
-    num_rows: Array,
+    normalizer: Array,
 ) -> tuple[Array, dict[str, Array]]:
-    """This microbatch's share of the loss: sum over its rows of (-A_j LL_j + lambda KL_j),
-    divided by the number of real rows of the whole batch (so shares add up to the batch loss).
+    """This microbatch's share of the loss: sum over its rows of (-A_j LL_j + lambda KL_j), or
+    of (-LL_j + lambda KL_j) for the next-token objective, divided by `normalizer` (the whole
+    batch's real rows, or scored tokens for next-token; so shares add up to the batch loss).
 
     Position t scores token t + 1 when that token is generated (teacher forcing).
 
@@ -151,16 +162,17 @@ def microbatch_loss(
     scored = jnp.pad(batch.completion_mask[:, 1:], ((0, 0), (0, 1)))  # [N, T]
     token_counts = jnp.sum(scored, axis=1)  # [N]
     log_likelihood = jnp.sum(jnp.where(scored, token_log_probs, 0.0), axis=1)  # [N]
-    objective = log_likelihood
+    row_objective = log_likelihood
     if options.length_normalize:
-        objective = log_likelihood / jnp.maximum(token_counts, 1)  # [N]
-    row_losses = -batch.advantages * objective  # [N]
+        row_objective = log_likelihood / jnp.maximum(token_counts, 1)  # [N]
+    weight = 1.0 if options.objective == "next_token" else batch.advantages  # [] or [N]
+    row_losses = -weight * row_objective  # [N]
     kl = jnp.zeros_like(log_likelihood)  # [N]
     if token_kl is not None:
         kl = jnp.sum(jnp.where(scored, token_kl, 0.0), axis=1)  # [N]
         row_losses = row_losses + options.kl_coeff * kl
     rows = batch.row_mask.astype(jnp.float32)  # [N]
-    loss = jnp.sum(row_losses * rows) / num_rows
+    loss = jnp.sum(row_losses * rows) / normalizer
     sums = {
         "log_likelihood": jnp.sum(log_likelihood * rows),
         "kl": jnp.sum(kl * rows),
@@ -206,12 +218,16 @@ def compute_gradients(
         "tokens" scored per real row).
     """
     num_rows = jnp.maximum(jnp.sum(batch.row_mask), 1).astype(jnp.float32)
+    normalizer = num_rows
+    if options.objective == "next_token":
+        scored = batch.completion_mask[:, 1:] & batch.row_mask[:, None]  # [N, T - 1]
+        normalizer = jnp.maximum(jnp.sum(scored), 1).astype(jnp.float32)
     gradient_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
     def accumulate(carry, micro: PolicyBatch):
         grads, loss, sums = carry
         (micro_loss, micro_sums), micro_grads = gradient_fn(
-            params, config, options, weights, factors, micro, num_rows
+            params, config, options, weights, factors, micro, normalizer
         )
         grads = jax.tree.map(jnp.add, grads, micro_grads)
         sums = jax.tree.map(jnp.add, sums, micro_sums)
