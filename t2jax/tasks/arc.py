@@ -106,6 +106,10 @@ class ArcTask(Task):
             for record in records
         ]
 
+    def reference_completion(self, example: Example) -> str:
+        """The gold letter in the format the system prompt asks for."""
+        return f"The answer is ({example.answer})."
+
     def score(self, example: Example, completion: str) -> Score:
         """Correct iff the extracted letter (or, if none, the seeded guess) equals the gold."""
         letter = extract_letter(completion)

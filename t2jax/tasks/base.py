@@ -119,6 +119,15 @@ class Task(abc.ABC):
         ]
         return conversation, self.prefill(example)
 
+    def reference_completion(self, example: Example) -> str:
+        """A reference solution written as a completion in the format the scorer reads (after
+        the prompt and prefill): the target of next-token training (spec section 2.5).
+
+        Raises:
+            NotImplementedError: the task has no reference solutions.
+        """
+        raise NotImplementedError(f"{self.name} has no reference solutions for next-token training")
+
     @abc.abstractmethod
     def score(self, example: Example, completion: str) -> Score:
         """Scores one completion (the generated text after the prompt and prefill)."""

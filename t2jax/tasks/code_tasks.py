@@ -11,6 +11,7 @@ Test suites (`tests=`):
 from __future__ import annotations
 
 import abc
+import ast
 import concurrent.futures
 import functools
 import json
@@ -310,6 +311,13 @@ class MbppPlusTask(CodeTask):
 
     def prefill(self, example: Example) -> str:
         return rules.PYTHON_FENCE
+
+    def reference_completion(self, example: Example) -> str:
+        """The canonical solution on the line after the prefilled fence opener, closing it;
+        re-rendered with 4-space indents (`ast.unparse`), which the official sanitizer needs
+        (it keeps only bodies containing "    return ")."""
+        code = ast.unparse(ast.parse(example.raw["canonical_solution"]))
+        return f"\n{code}\n```"
 
     def program(self, example: Example, completion: str) -> str:
         return rules.mbpp_solution(example.raw["prompt"], completion, example.raw["entry_point"])

@@ -12,6 +12,7 @@ from t2jax.tasks.prompts import GSM8K_SYSTEM
 
 # Unsigned, comma-free numbers: "1,000" yields "1" and "000", "-3" yields "3" (official quirk).
 _NUMBER = re.compile(r"\d*\.?\d+")
+_CALCULATOR = re.compile(r"<<[^>]*>>")  # the reference rationales' calculator annotations
 
 
 def last_number(text: str) -> str | None:
@@ -59,6 +60,13 @@ class GSM8KTask(Task):
             )
             for index, record in enumerate(records)
         ]
+
+    def reference_completion(self, example: Example) -> str:
+        """The reference rationale without its calculator annotations ("<<48/2=24>>"), ending
+        "The answer is N." instead of "#### N"."""
+        rationale, _, _ = example.raw["answer"].rpartition("####")
+        rationale = _CALCULATOR.sub("", rationale).strip()
+        return f"{rationale}\nThe answer is {example.answer}."
 
     def score(self, example: Example, completion: str) -> Score:
         """Correct iff float(last number of the completion) equals the integer gold answer."""

@@ -285,3 +285,21 @@ def test_cls_scoring():
     assert task.score(example, "Classification: \\boxed{reasoning}").correct
     score = task.score(example, "\\boxed{math}")
     assert (score.correct, score.extracted, reward_of(score)) == (False, "math", -1.0)
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "arc_easy", "mbpp"])
+def test_reference_completions_get_full_marks_from_the_official_scorer(name):
+    """The next-token training targets (spec section 2.5) are answers the task's own scorer
+    accepts: every one of the first 50 training items (MBPP: run in the sandbox)."""
+    task = get_task(name)
+    examples = task.load("train")[:50]
+    completions = [task.reference_completion(example) for example in examples]
+    scores = task.score_batch(examples, completions)
+    wrong = [(e.id, s.reason) for e, s in zip(examples, scores, strict=True) if not s.correct]
+    assert not wrong
+    assert all(score.extracted is not None for score in scores)
+
+
+def test_tasks_without_reference_solutions_say_so():
+    with pytest.raises(NotImplementedError, match="no reference solutions"):
+        get_task("math").reference_completion(Example("m/0", "1+1?", "2"))
