@@ -98,6 +98,35 @@ def test_train_command_learns_the_synthetic_task(model_dir, tmp_path):
     )
 
 
+def test_next_token_training_learns_the_reference_answers_without_rollouts(model_dir, tmp_path):
+    """objective=ntp trains on the reference completions ("A"): greedy (not sampled) held-out
+    answers start with the letter afterwards, and no rollout is generated."""
+    workdir = tmp_path / "ntp"
+    extra = {"rl.objective": "ntp", "rl.num_iters": 16, "rl.eval_every": 5, "rl.temperature": 0.0}
+    extra.update({"rl.samples_per_prompt": 1, "rl.advantage": "none"})
+    config = configuration.resolve_config(
+        rl_config.TrainConfig, CONFIG_SPEC, _overrides(model_dir, workdir, **extra)
+    )
+    summary = trainer.train(config)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    base, best = records[0], records[summary["best_step"]]
+    assert base["eval/valid/reward"] < -0.8
+    assert best["eval/valid/accuracy"] > 0.9, best
+    assert records[1]["loss/loss"] > records[-1]["loss/loss"]  # the NLL of "A" falls
+    assert "time/rollout" not in records[1] and "rollout/reward" not in records[1]
+    assert {"time/batch", "time/logprob_fwd_bwd", "time/update"} <= set(records[1])
+
+
+def test_next_token_training_needs_reference_solutions(model_dir, tmp_path):
+    config = configuration.resolve_config(
+        rl_config.TrainConfig,
+        f"{REPO}/experiments/configs/svf.py:task=cls",
+        {**_overrides(model_dir, tmp_path / "cls"), "rl.objective": "ntp"},
+    )
+    with pytest.raises(ConfigError, match="cls has no reference solutions"):
+        trainer.train(config)
+
+
 def _latest_checkpoint(workdir: pathlib.Path) -> int:
     directory = workdir / "checkpoints"
     steps = (

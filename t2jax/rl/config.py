@@ -20,6 +20,7 @@ from t2jax.svf.core import OFFICIAL_PARAMETRIZATION, Parametrization
 Optimizer = Literal["adam", "adamw_cosine"]
 KLDirection = Literal["ref_policy", "policy_ref"]
 Advantage = Literal["none", "normalize", "leave_one_out"]
+Objective = Literal["rl", "ntp"]
 CompletionTokens = Literal["retokenize", "sampled"]
 SVFMode = Literal["merged", "factored"]
 
@@ -107,6 +108,9 @@ class RLConfig:
     the jitted gradient and update functions.
 
     Attributes:
+        objective: "rl" (REINFORCE on the model's own rollouts, the method) or "ntp" (next-token
+            prediction on the training split's reference solutions, the paper's baseline of
+            spec section 2.5; no rollouts: `tasks.Task.reference_completion`).
         lr: learning rate (official 2e-3).
         max_grad_norm: global-norm gradient clip (official 1e-3).
         optimizer: "adam" (official code: constant lr) or "adamw_cosine" (the paper: AdamW with
@@ -143,6 +147,7 @@ class RLConfig:
         rows_per_call: rollouts per sampler call (None: the whole batch).
     """
 
+    objective: Objective = "rl"
     lr: float = 2e-3
     max_grad_norm: float = 1e-3
     optimizer: Optimizer = "adam"

@@ -97,6 +97,7 @@ class LossOptions:
     def from_config(cls, svf_config: SVFSection, rl: RLConfig) -> LossOptions:
         """The loss options of a run's SVF and RL sections."""
         return cls(
+            objective="next_token" if rl.objective == "ntp" else "policy_gradient",
             parametrization=svf_config.parametrization,
             mode=svf_config.mode,
             kl_coeff=rl.kl_coeff,

@@ -106,6 +106,31 @@ def policy_batch(setup: Setup, rollouts: Rollouts) -> tuple[PolicyBatch, int]:
         )
     ]
     advantages = compute_advantages(rollouts.rewards, rl.samples_per_prompt, rl.advantage)
+    return _placed_batch(setup, sequences, advantages)
+
+
+def reference_batch(setup: Setup, examples: Sequence[Example]) -> tuple[PolicyBatch, int]:
+    """The placed teacher-forcing batch of next-token training: each example's prompt followed
+    by its reference solution (`Task.reference_completion`), and its number of microbatches."""
+    tokenizer = setup.model.tokenizer
+    sequences = [
+        sequence_tokens(
+            tokenizer,
+            setup.prompt(example),
+            setup.task.reference_completion(example),
+            (),
+            "retokenize",
+        )
+        for example in examples
+    ]
+    return _placed_batch(setup, sequences, np.ones(len(sequences), np.float32))
+
+
+def _placed_batch(
+    setup: Setup, sequences: list[tuple[list[int], int]], advantages: np.ndarray
+) -> tuple[PolicyBatch, int]:
+    """(ids, prompt length) pairs laid out in microbatches and placed on the mesh."""
+    rl = setup.config.rl
     data_parallel = parallel.data_parallel_size(setup.model.mesh)
     rows, num_microbatches = microbatch_layout(len(sequences), rl.microbatch_size, data_parallel)
     batch = assemble_batch(sequences, advantages, chunk=rl.logprob_chunk, rows=rows)

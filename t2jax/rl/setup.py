@@ -88,6 +88,11 @@ def load_setup(config: TrainConfig) -> Setup:
         ConfigError: an empty split.
     """
     task, train, eval_train, valid, test = load_splits(config.task)
+    if config.rl.objective == "ntp":
+        try:
+            task.reference_completion(train[0])
+        except NotImplementedError as error:
+            raise ConfigError(f"rl.objective='ntp': {error}") from None
     targets = resolve_targets(config.svf.targets)
     loaded = load_model_section(
         config.model, skip=lambda key: key in targets, progress=config.run.progress

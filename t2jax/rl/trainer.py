@@ -41,6 +41,7 @@ from t2jax.rl.rollout import (
     evaluate_split,
     generate_rollouts,
     policy_batch,
+    reference_batch,
     rollout_metrics,
     score_rollouts,
 )
@@ -149,9 +150,9 @@ class Trainer:
             if step % self.config.run.checkpoint_every == 0 or step == rl.num_iters:
                 self._checkpoint(tree, best, step, elapsed)
             bar.update(1)
+            progress = {"reward": "rollout/reward", "acc": "rollout/accuracy", "loss": "loss/loss"}
             bar.set_postfix(
-                reward=f"{record['rollout/reward']:.3f}",
-                acc=f"{record['rollout/accuracy']:.3f}",
+                **{name: f"{record[key]:.3f}" for name, key in progress.items() if key in record},
                 best=f"{best.accuracy:.3f}",
             )
         bar.close()
@@ -165,13 +166,20 @@ class Trainer:
         examples = [setup.train[i] for i in parallel.host_array(tree["schedule"][index])]
         key = jax.random.fold_in(jax.random.wrap_key_data(tree["rng"]), index)
         seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
-        with timer.phase("rollout"):
-            z = svf_lib.z_of(state.params, config.svf.parametrization)
-            rollouts = generate_rollouts(setup, z, examples, seed)
-        with timer.phase("score"):
-            rollouts = score_rollouts(setup, rollouts)
+        data_metrics: dict[str, Any] = {}
+        if config.rl.objective == "ntp":
+            with timer.phase("batch"):
+                batch, num_microbatches = reference_batch(setup, examples)
+        else:
+            with timer.phase("rollout"):
+                z = svf_lib.z_of(state.params, config.svf.parametrization)
+                rollouts = generate_rollouts(setup, z, examples, seed)
+            with timer.phase("score"):
+                rollouts = score_rollouts(setup, rollouts)
+            with timer.phase("batch"):
+                batch, num_microbatches = policy_batch(setup, rollouts)
+            data_metrics = rollout_metrics(rollouts)
         with timer.phase("logprob_fwd_bwd"):
-            batch, num_microbatches = policy_batch(setup, rollouts)
             grads, loss_metrics = compute_gradients(
                 setup.model.config,
                 LossOptions.from_config(config.svf, config.rl),
@@ -186,7 +194,7 @@ class Trainer:
             state, update_metrics = apply_gradients(config.rl, state, grads)
             jax.block_until_ready(state)
         record = {
-            **rollout_metrics(rollouts),
+            **data_metrics,
             **{f"loss/{k}": float(v) for k, v in loss_metrics.items()},
             **{f"optim/{k}": float(v) for k, v in update_metrics.items()},
             **timer.metrics(),

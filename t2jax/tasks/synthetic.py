@@ -68,6 +68,10 @@ class FirstLetterTask(Task):
             for index in range(self.split_size)
         ]
 
+    def reference_completion(self, example: Example) -> str:
+        """The first accepted letter."""
+        return self.letters[0]
+
     def score(self, example: Example, completion: str) -> Score:
         """Correct iff the first non-blank character is an accepted letter."""
         first = completion.lstrip()[:1]
