@@ -4,11 +4,11 @@ it (generation and teacher-forced scoring) with one adaptation per batch row.
 Training (`t2jax.rl`), evaluation and inference-time adaptation (`t2jax.adaptation`) all run on an
 `AdaptedModel`. An adaptation is a pytree applied to named kernels inside `model.forward`; today
 the only kind is SVF, whose adapter is the scales z {key: [L, R]} over the factors U, s, V of the
-targets (W'(z) = U diag(s * z) V^T, z = 1 is the base model). Calls take a list of `choices`
+targets (W'(z) = U diag(s * z) V^T, z = 1 is the base model); the paper's baselines (LoRA, IA3,
+DoRA: `t2jax.adapters.core.ModelAdapters`) plug in next to it. Calls take a list of `choices`
 (adapters, None = the weights as loaded) and the choice of each row: rows sharing one choice run
-with W' merged into the weights (the base model's cost), mixed rows with factored per-row
-adapters in one sampler call. A second adapter kind (e.g. LoRA) plugs in here, next to
-`merged_weights` and `_per_row_svf`.
+with W' merged into the weights (the base model's cost), mixed rows with factored per-row SVF
+adapters in one sampler call.
 
     model = adapted_model(load_model("smollm2-135m-instruct"), ("mlp.gate_proj",))
     generation = model.generate(prompts, [None, expert.z()], row_choice, max_new_tokens=256)
@@ -28,6 +28,8 @@ import numpy as np
 
 from t2jax import logprobs
 from t2jax import model as model_lib
+from t2jax.adapters import core as adapters
+from t2jax.adapters import weights as adapter_weights
 from t2jax.config import ModelConfig
 from t2jax.loading import LoadedModel
 from t2jax.padding import bucket_length, left_pad
@@ -37,7 +39,9 @@ from t2jax.svf import core as svf_lib
 from t2jax.svf import factors as svf_factors
 
 Array = jax.Array
-Choice = svf_lib.ZVectors | None  # one row's adapter: SVF scales z {key: [L, R]}, None = as loaded
+# One row's adapter: SVF scales z {key: [L, R]}, a stacked LoRA / IA3 / DoRA adapter, or None (the
+# weights as loaded).
+Choice = svf_lib.ZVectors | adapters.ModelAdapters | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +51,12 @@ class AdaptedModel:
     Attributes:
         loaded: the model (its weights may lack the targets' dense kernels, see
             `load_model(..., skip=...)`: then only adapted calls work, e.g. with `base_z()`).
-        factors: SVD factors of the targets.
+        factors: SVD factors of the targets (None: no SVF, e.g. to train a LoRA baseline; then
+            only the weights as loaded and `ModelAdapters` choices work).
     """
 
     loaded: LoadedModel
-    factors: svf_factors.ModelFactors
+    factors: svf_factors.ModelFactors | None
 
     @property
     def config(self) -> ModelConfig:
@@ -75,8 +80,8 @@ class AdaptedModel:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """Adapted module keys, in HF order."""
-        return self.factors.targets
+        """SVF-adapted module keys, in HF order."""
+        return () if self.factors is None else self.factors.targets
 
     @functools.cached_property
     def sampler(self) -> Sampler:
@@ -91,18 +96,29 @@ class AdaptedModel:
             for key, rank in ranks.items()
         }
 
-    def merged_weights(self, z: svf_lib.ZVectors) -> model_lib.Weights:
-        """The weights with the targets' kernels replaced by W'(z)."""
-        return svf_factors.merge_into_weights(self.weights, self.factors, z)
+    def merged_weights(
+        self, choice: svf_lib.ZVectors | adapters.ModelAdapters
+    ) -> model_lib.Weights:
+        """The weights with the adapted kernels merged: W'(z) for SVF scales z, the kernels
+        (and biases) of a LoRA / IA3 / DoRA adapter."""
+        if isinstance(choice, adapters.ModelAdapters):
+            return adapter_weights.merge_into_weights(self.weights, choice)
+        return svf_factors.merge_into_weights(self.weights, self.factors, choice)
 
-    def sampler_for(self, z: Choice) -> Sampler:
-        """A sampler over W'(z) merged into the weights (None: the weights as loaded)."""
-        if z is None:
+    def sampler_for(self, choice: Choice) -> Sampler:
+        """A sampler over the adapter `choice` merged into the weights (None: as loaded)."""
+        if choice is None:
             return self.sampler
-        return Sampler.for_model(self.loaded, self.merged_weights(z))
+        return Sampler.for_model(self.loaded, self.merged_weights(choice))
 
     def _choice_table(self, choices: Sequence[Choice]) -> dict[str, Array]:
-        """{key: [C, L, R]}: the choices' z stacked, the weights as loaded (None) as z = 1."""
+        """{key: [C, L, R]}: the choices' z stacked, the weights as loaded (None) as z = 1.
+
+        Raises:
+            ValueError: a LoRA / IA3 / DoRA choice (rows of one call share such an adapter).
+        """
+        if any(isinstance(choice, adapters.ModelAdapters) for choice in choices):
+            raise ValueError("LoRA / IA3 / DoRA adapters apply to whole calls, not mixed per row")
         rows = [self.base_z() if z is None else z for z in choices]
         return svf_lib.stack_experts(rows)  # {key: [C, L, R]}
 
@@ -134,7 +150,8 @@ class AdaptedModel:
 
         Args:
             prompts: rendered prompt strings or token-id lists.
-            choices: adapters (z vectors {key: [L, R]}), or None for the weights as loaded.
+            choices: adapters (z vectors {key: [L, R]}, or a LoRA / IA3 / DoRA adapter when
+                every row uses it), or None for the weights as loaded.
             row_choice: the choice of each prompt.
             max_new_tokens: generation budget per row.
             stop_strings: generation stops at any of these.

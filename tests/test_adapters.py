@@ -198,7 +198,7 @@ def test_ia3_and_dora_parameter_counts():
         svf_targets.adapter_param_count(config, "bitfit", qv)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_peft_adapter_round_trips_through_t2jax(tmp_path, method):
     """PEFT saves an adapter; t2jax reads it (same logits as PEFT), writes it back, and
     `PeftModel.from_pretrained` loads t2jax's files to the same logits."""
@@ -255,7 +255,10 @@ BAD_ADAPTERS = {
         {"edit_config": lambda c: {**c, "r": 8}},
         r"shape \(4, 96\), expected \(8, 96\) \(rank 8\)",
     ),
-    "not LoRA": ({"edit_config": lambda c: {**c, "peft_type": "IA3"}}, "reads LORA adapters"),
+    "not LoRA": (
+        {"edit_config": lambda c: {**c, "peft_type": "PROMPT_TUNING"}},
+        "reads LORA and IA3 adapters",
+    ),
     "rslora": ({"edit_config": lambda c: {**c, "use_rslora": True}}, "use_rslora=True"),
     "unknown module": ({"edit_tensors": _renamed}, "not a LoRA tensor of this model"),
     "missing tensor": ({"edit_tensors": _one_dropped}, "expected"),

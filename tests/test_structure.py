@@ -12,7 +12,16 @@ MAX_MODULE_LINES = 500
 LAYERS = [
     {"configuration", "config", "ops", "files", "padding", "svf.core", "adapters.core"},
     {"checkpoints", "parallel", "model", "plan.hardware", "plan.models", "adapters.peft_format"},
-    {"plan.rules", "loading", "logprobs", "tasks", "svf.targets", "svf.factors", "svf.cache"},
+    {
+        "plan.rules",
+        "loading",
+        "logprobs",
+        "tasks",
+        "svf.targets",
+        "svf.factors",
+        "svf.cache",
+        "adapters.weights",
+    },
     {"svf.experts", "svf.shipped"},
     {"sampler", "metrics", "evaluation", "reports", "adapted", "export"},
     {"rl", "adaptation", "plan.abstract", "plan.programs", "plan.search"},

@@ -1,4 +1,5 @@
-"""SVF expert training (REINFORCE), the official recipe of spec section 2.4 by default.
+"""SVF expert training (REINFORCE), the official recipe of spec section 2.4 by default, and the
+paper's baselines (LoRA / IA3 / DoRA, next-token prediction) through the same trainer.
 
     t2jax train --config=experiments/configs/svf.py:model=qwen2.5-coder-0.5b-instruct,task=gsm8k \
         --config.rl.lr=1e-3
@@ -7,10 +8,15 @@
 The argument after ':' is comma-separated key=value pairs:
     model   what `t2jax.loading.load_model` loads (default smollm2-135m-instruct)
     task    a `t2jax.tasks` name or a synthetic task (default gsm8k)
+    method  the adapter trained: svf (default), lora, ia3 or dora (`adapter.method`; the paper's
+            r=16, alpha=32, dropout 0.05 on q/v for LoRA and DoRA, k/v/down for IA3)
+    objective  rl (REINFORCE, default) or ntp (next-token prediction on the training split's
+            reference solutions; `rl.objective`)
     preset  "official" (default): batch 256, 200 updates, the task's token budget;
             "cpu": a budget for a 2-core CPU (batch 32, 128 new tokens, 40 updates, evaluation on
             64 train items and a seeded random 200 valid items every 5 updates)
-The run directory defaults to runs/svf/TASK-MODEL-PRESET.
+The run directory defaults to runs/svf/TASK-MODEL-PRESET, with -METHOD-OBJECTIVE appended unless
+they are svf and rl.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ PRESETS = {
         "task.rows_per_call": 32,
     },
 }
-KEYS = ("model", "task", "preset")
+KEYS = ("model", "task", "preset", "method", "objective")
 
 
 def get_config(arg: str = ""):
@@ -49,7 +55,18 @@ def get_config(arg: str = ""):
     preset = options.get("preset", "official")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    method = options.get("method", rl_config.AdapterSection().method)
+    objective = options.get("objective", rl_config.RLConfig().objective)
     workdir = f"runs/svf/{task}-{pathlib.Path(model).name.removesuffix('.gguf')}-{preset}"
-    overrides = {"model.name": model, "task.name": task, "run.workdir": workdir, **PRESETS[preset]}
+    if (method, objective) != ("svf", "rl"):
+        workdir += f"-{method}-{objective}"
+    overrides = {
+        "model.name": model,
+        "task.name": task,
+        "adapter.method": method,
+        "rl.objective": objective,
+        "run.workdir": workdir,
+        **PRESETS[preset],
+    }
     config = configuration.with_overrides(rl_config.TrainConfig(), overrides)
     return configuration.to_config_dict(config)

@@ -9,14 +9,17 @@ adapter leaf may carry a leading batch axis (one adapter per row, like SVF's fac
   * IA3 (Liu et al.; PEFT `IA3Config`): a learned vector scales the output of k_proj / v_proj,
     (x @ W) * l, or the input of a feed-forward module (down_proj), (x * l) @ W.
   * DoRA (Liu et al.; PEFT `use_dora=True`): W' = m * (W + s A B) / ||W + s A B||, the norm of
-    each output feature's column taken over the input axis, m [out] the learned magnitude.
+    each output feature's column taken over the input axis (no gradient flows through it, as in
+    PEFT), m [out] the learned magnitude.
 
-Dropout (LoRA / DoRA training only) is not part of the forward here; inference never uses it.
+Dropout (LoRA / DoRA training only, PEFT's `lora_dropout`) drops the input of the low-rank path
+when a target carries a dropout key (`with_dropout`); inference never sets one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,8 @@ class LoRATarget:
     a: Array  # [in, r] or [B, in, r]
     b: Array  # [r, out] or [B, r, out]
     scale: float = dataclasses.field(metadata=dict(static=True))  # alpha / r
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    dropout_key: Array | None = None  # [2] uint32 key data (training only)
 
 
 @jax.tree_util.register_dataclass
@@ -54,9 +59,12 @@ class DoRATarget:
     b: Array  # [r, out] or [B, r, out]
     magnitude: Array  # [out] or [B, out]
     scale: float = dataclasses.field(metadata=dict(static=True))  # alpha / r
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    dropout_key: Array | None = None  # [2] uint32 key data (training only)
 
 
 Target = LoRATarget | IA3Target | DoRATarget
+Kind = Literal["lora", "ia3", "dora"]
 # Modules whose input IA3 scales (PEFT's `feedforward_modules` for Llama / Qwen2); the others'
 # output.
 IA3_INPUT_MODULES = ("mlp.down_proj",)
@@ -97,12 +105,26 @@ def dora_norm_gain(kernel: Array, target: DoRATarget) -> Array:
         target.a.astype(jnp.float32), target.b.astype(jnp.float32)
     )  # [in, out] or [B, in, out]
     norm = jnp.sqrt(jnp.sum(jnp.square(combined), axis=-2))  # [out] or [B, out]
-    return target.magnitude.astype(jnp.float32) / norm
+    # A constant in the backward pass, as in PEFT and the DoRA paper (section 4.3).
+    return target.magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+
+
+def _dropped(x: Array, target: LoRATarget | DoRATarget) -> Array:
+    """x with PEFT's inverted dropout applied when the target carries a dropout key."""
+    if target.dropout_key is None or target.dropout == 0.0:
+        return x
+    keep = jax.random.bernoulli(
+        jax.random.wrap_key_data(target.dropout_key), 1.0 - target.dropout, x.shape
+    )  # [B, T, in]
+    return jnp.where(keep, x / (1.0 - target.dropout), 0.0).astype(x.dtype)
 
 
 def project(x: Array, kernel: Array, bias: Array | None, target: Target) -> Array:
     """x @ W' + bias for an adapted kernel W [in, out] (IA3 on an output scales the bias too, as
-    PEFT does). x: [B, T, in]; returns [B, T, out]."""
+    PEFT does). x: [B, T, in]; returns [B, T, out].
+
+    With dropout, as PEFT: LoRA adds s (drop(x) A) B to x W; DoRA adds (g - 1) drop(x) W +
+    g s (drop(x) A) B, g = m / ||W + s A B|| (without dropout both equal (x W + s x A B) g)."""
     if isinstance(target, IA3Target):
         vector = _per_row(target.vector).astype(x.dtype)
         if target.on_input:
@@ -110,9 +132,15 @@ def project(x: Array, kernel: Array, bias: Array | None, target: Target) -> Arra
             return out if bias is None else out + bias
         out = ops.matmul(x, kernel)  # [B, T, out]
         return (out if bias is None else out + bias) * vector
-    out = ops.matmul(x, kernel) + target.scale * _low_rank(x, target.a, target.b)  # [B, T, out]
+    dropped = _dropped(x, target)  # [B, T, in]
+    out = ops.matmul(x, kernel)  # [B, T, out]
+    low_rank = target.scale * _low_rank(dropped, target.a, target.b)  # [B, T, out]
     if isinstance(target, DoRATarget):
-        out = out * _per_row(dora_norm_gain(kernel, target)).astype(x.dtype)  # [B, T, out]
+        gain = _per_row(dora_norm_gain(kernel, target)).astype(x.dtype)  # [out] or [B, 1, out]
+        dropped_out = out if dropped is x else ops.matmul(dropped, kernel)  # [B, T, out]
+        out = out + (gain - 1) * dropped_out + gain * low_rank  # [B, T, out]
+    else:
+        out = out + low_rank  # [B, T, out]
     return out if bias is None else out + bias
 
 
@@ -154,3 +182,22 @@ def parameter_count(
         else:
             raise ValueError(f"unknown adapter kind {kind!r}; expected lora, ia3 or dora")
     return per_layer * num_layers
+
+
+def with_dropout(adapters: ModelAdapters, rate: float, key: Array) -> ModelAdapters:
+    """`adapters` (stacked, [L, ...] leaves) with LoRA / DoRA dropout at `rate` and a fresh key
+    per layer and module; IA3 targets unchanged (PEFT's IA3 has no dropout)."""
+    if rate == 0.0:
+        return adapters
+    layers = adapters.layers
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    targets = {}
+    for index, (name, target) in enumerate(sorted(layers.targets.items())):
+        if isinstance(target, IA3Target):
+            targets[name] = target
+            continue
+        keys = jax.random.split(jax.random.fold_in(key, index), num_layers)  # [L] keys
+        targets[name] = dataclasses.replace(
+            target, dropout=rate, dropout_key=jax.random.key_data(keys)
+        )  # dropout_key: [L, 2] uint32
+    return ModelAdapters(LayerAdapters(targets))

@@ -1,4 +1,5 @@
-"""Typed, frozen configuration of an SVF expert training run (REINFORCE, spec section 2); files,
+"""Typed, frozen configuration of a training run (an SVF expert by REINFORCE, spec section 2, or a
+baseline adapter, section 2.5, by either objective); files,
 dicts and dotted overrides ("rl.lr=1e-3") are converted by `t2jax.configuration`.
 
 `TrainConfig` nests one section per concern. Defaults are the official recipe (spec section 2.4):
@@ -23,6 +24,14 @@ Advantage = Literal["none", "normalize", "leave_one_out"]
 Objective = Literal["rl", "ntp"]
 CompletionTokens = Literal["retokenize", "sampled"]
 SVFMode = Literal["merged", "factored"]
+Method = Literal["svf", "lora", "ia3", "dora"]
+# The targets of each baseline when `adapter.targets` is not set: the paper's LoRA (q_proj, v_proj;
+# spec section 2.5) and PEFT's IA3 defaults for Llama / Qwen2.
+BASELINE_TARGETS = {
+    "lora": "qv",
+    "dora": "qv",
+    "ia3": "self_attn.k_proj,self_attn.v_proj,mlp.down_proj",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,43 @@ class SVFSection:
     def __post_init__(self):
         check_choices(self, "svf")
         require(self.init_std >= 0, f"svf.init_std must be >= 0, got {self.init_std}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSection:
+    """What kind of adapter is trained: SVF (the method; its settings are the `svf` section) or
+    one of the paper's baselines (spec section 2.5, `t2jax.adapters`).
+
+    Attributes:
+        method: "svf", "lora", "ia3" or "dora".
+        targets: the baseline's modules (target sets or module keys as for `svf.targets`; None:
+            q/v for LoRA and DoRA as in the paper, k/v/down for IA3 as PEFT). SVF uses
+            `svf.targets`.
+        rank: LoRA / DoRA rank r (paper 16).
+        alpha: LoRA / DoRA alpha; the low-rank update is scaled by alpha / r (paper 32).
+        dropout: LoRA / DoRA dropout on the low-rank path's input during training (paper 0.05).
+    """
+
+    method: Method = "svf"
+    targets: str | None = None
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+
+    def __post_init__(self):
+        check_choices(self, "adapter")
+        require(self.rank > 0, f"adapter.rank must be positive, got {self.rank}")
+        require(self.alpha > 0, f"adapter.alpha must be positive, got {self.alpha}")
+        require(0 <= self.dropout < 1, f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        require(
+            self.method != "svf" or self.targets is None,
+            "adapter.targets is for the baselines; SVF adapts svf.targets",
+        )
+
+    @property
+    def baseline_targets(self) -> str:
+        """The baseline's target spec (its default when `targets` is not set)."""
+        return self.targets or BASELINE_TARGETS[self.method]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +273,11 @@ class RunSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything an SVF training run needs."""
+    """Everything a training run needs (SVF by default; `adapter.method` picks a baseline)."""
 
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
+    adapter: AdapterSection = AdapterSection()
     svf: SVFSection = SVFSection()
     rl: RLConfig = RLConfig()
     run: RunSection = RunSection()

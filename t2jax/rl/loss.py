@@ -9,10 +9,11 @@ with A_j = r_j (official; optionally normalized or with a leave-one-out baseline
 and the vocabulary, in either direction (spec section 2.3). The next-token objective (the paper's
 baseline, spec section 2.5) scores reference completions instead: the mean negative
 log-likelihood per completion token over the batch. The log-likelihoods come from a
-teacher-forced pass whose only differentiable input is the SVF parameter pytree p (base weights
-and SVD factors are frozen arguments); the log-softmax is chunked over the sequence
-(`t2jax.logprobs`) and the batch is split into microbatches whose gradients a `lax.scan`
-accumulates, so a batch of 256 fits in memory. The update (`apply_gradients`) is optax:
+teacher-forced pass whose only differentiable input is the parameter pytree p: SVF's p (base
+weights and SVD factors are frozen arguments) or a LoRA / IA3 / DoRA adapter (`t2jax.adapters`,
+applied to the frozen dense kernels, with LoRA / DoRA dropout); the log-softmax is chunked over
+the sequence (`t2jax.logprobs`) and the batch is split into microbatches whose gradients a
+`lax.scan` accumulates, so a batch of 256 fits in memory. The update (`apply_gradients`) is optax:
 global-norm clip 1e-3 then Adam 2e-3 constant (official), or AdamW with cosine decay (paper).
 
 p, the optimizer state and z are replicated over the mesh; the batch rows are split over its data
@@ -31,12 +32,15 @@ import optax
 
 from t2jax import logprobs as logprobs_lib
 from t2jax import model as model_lib
+from t2jax.adapters import core as adapters
 from t2jax.config import ModelConfig
-from t2jax.rl.config import RLConfig, SVFSection
+from t2jax.rl.config import AdapterSection, RLConfig, SVFSection
 from t2jax.svf import core as svf_lib
 from t2jax.svf import factors as svf_factors
 
 Array = jax.Array
+# Trainable parameters: SVF's p {module key: [L, R]} fp32, or a stacked LoRA / IA3 / DoRA adapter.
+Params = svf_lib.SVFParams | adapters.ModelAdapters
 
 
 @jax.tree_util.register_dataclass
@@ -54,10 +58,11 @@ class PolicyBatch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    """What the optimizer updates: the step counter, SVF parameters p and the optax state."""
+    """What the optimizer updates: the step counter, the trainable parameters and the optax
+    state."""
 
     step: Array  # [] int32: updates done
-    params: svf_lib.SVFParams  # module key -> [L, R] fp32
+    params: Params
     opt_state: Any
 
 
@@ -71,8 +76,11 @@ class LossOptions:
         objective: "policy_gradient" (REINFORCE: -A_j LL_j per row, over the batch's rows) or
             "next_token" (the mean negative log-likelihood per scored token over the batch, as
             transformers' `loss` with labels -100 off the completion; advantages unused).
-        parametrization: how p maps to z.
-        mode: how the teacher-forced pass applies W'(z) ("merged" or "factored").
+        method: the adapter kind trained: "svf" (p maps to z) or "lora" / "ia3" / "dora" (the
+            parameters are the adapter itself).
+        dropout: LoRA / DoRA dropout rate of the training forward.
+        parametrization: how p maps to z (SVF).
+        mode: how the teacher-forced pass applies W'(z) ("merged" or "factored"; SVF).
         kl_coeff: lambda (0 skips the reference forward pass).
         kl_direction: see `t2jax.logprobs.kl_from_log_probs`.
         length_normalize: divide each log-likelihood by its token count.
@@ -81,6 +89,8 @@ class LossOptions:
     """
 
     objective: Literal["policy_gradient", "next_token"] = "policy_gradient"
+    method: str = "svf"
+    dropout: float = 0.0
     parametrization: svf_lib.Parametrization = svf_lib.OFFICIAL_PARAMETRIZATION
     mode: str = "merged"
     kl_coeff: float = 0.0
@@ -94,10 +104,14 @@ class LossOptions:
             raise ValueError(f"unknown objective {self.objective!r}")
 
     @classmethod
-    def from_config(cls, svf_config: SVFSection, rl: RLConfig) -> LossOptions:
-        """The loss options of a run's SVF and RL sections."""
+    def from_config(
+        cls, adapter: AdapterSection, svf_config: SVFSection, rl: RLConfig
+    ) -> LossOptions:
+        """The loss options of a run's adapter, SVF and RL sections."""
         return cls(
             objective="next_token" if rl.objective == "ntp" else "policy_gradient",
+            method=adapter.method,
+            dropout=0.0 if adapter.method == "svf" else adapter.dropout,
             parametrization=svf_config.parametrization,
             mode=svf_config.mode,
             kl_coeff=rl.kl_coeff,
@@ -118,37 +132,56 @@ def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
     return optax.chain(clip, optax.adamw(schedule, weight_decay=rl.weight_decay))
 
 
-def init_state(params: svf_lib.SVFParams, rl: RLConfig) -> TrainState:
+def init_state(params: Params, rl: RLConfig) -> TrainState:
     """Step 0 with fresh optimizer state for `params`."""
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(rl).init(params)
     )
 
 
+def adaptations(
+    params: Params,
+    options: LossOptions,
+    factors: svf_factors.ModelFactors | None,
+    dropout_key: Array | None,
+) -> tuple[model_lib.Adaptation, model_lib.Adaptation | None]:
+    """(the adaptation the parameters make, the base model's adaptation for the KL or None when
+    `kl_coeff` is 0) for the teacher-forced pass."""
+    if options.method != "svf":
+        adapted = params
+        if dropout_key is not None:
+            adapted = adapters.with_dropout(params, options.dropout, dropout_key)
+        base = adapters.ModelAdapters(adapters.LayerAdapters({}))  # no targets: the dense kernels
+        return adapted, base if options.kl_coeff > 0 else None
+    z = svf_lib.z_of(params, options.parametrization)
+    svf = svf_factors.svf_from_factors(factors, z, options.mode)
+    if options.kl_coeff == 0:
+        return svf, None
+    base_z = {key: jnp.ones(value.shape, jnp.float32) for key, value in z.items()}  # W'(1) = W
+    return svf, svf_factors.svf_from_factors(factors, base_z, options.mode)
+
+
 def microbatch_loss(
-    params: svf_lib.SVFParams,
+    params: Params,
     config: ModelConfig,
     options: LossOptions,
     weights: model_lib.Weights,
-    factors: svf_factors.ModelFactors,
+    factors: svf_factors.ModelFactors | None,
     batch: PolicyBatch,
     normalizer: Array,
+    dropout_key: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """This microbatch's share of the loss: sum over its rows of (-A_j LL_j + lambda KL_j), or
     of (-LL_j + lambda KL_j) for the next-token objective, divided by `normalizer` (the whole
     batch's real rows, or scored tokens for next-token; so shares add up to the batch loss).
 
-    Position t scores token t + 1 when that token is generated (teacher forcing).
+    Position t scores token t + 1 when that token is generated (teacher forcing). `dropout_key`
+    (a PRNG key) draws the LoRA / DoRA dropout masks; None: no dropout.
 
     Returns:
         (loss share, sums over the microbatch's real rows: "log_likelihood", "kl", "tokens").
     """
-    z = svf_lib.z_of(params, options.parametrization)
-    svf = svf_factors.svf_from_factors(factors, z, options.mode)
-    reference_svf = None
-    if options.kl_coeff > 0:
-        base_z = {key: jnp.ones(value.shape, jnp.float32) for key, value in z.items()}  # W'(1) = W
-        reference_svf = svf_factors.svf_from_factors(factors, base_z, options.mode)
+    svf, reference_svf = adaptations(params, options, factors, dropout_key)
     token_log_probs, token_kl = logprobs_lib.teacher_forced_log_probs(
         config,
         weights,
@@ -197,22 +230,26 @@ def _split_microbatches(batch: PolicyBatch, num_microbatches: int) -> PolicyBatc
 def compute_gradients(
     config: ModelConfig,
     options: LossOptions,
-    params: svf_lib.SVFParams,
+    params: Params,
     weights: model_lib.Weights,
-    factors: svf_factors.ModelFactors,
+    factors: svf_factors.ModelFactors | None,
     batch: PolicyBatch,
     num_microbatches: int = 1,
-) -> tuple[svf_lib.SVFParams, dict[str, Array]]:
-    """Gradient of the batch loss w.r.t. the SVF parameters, accumulated over microbatches.
+    dropout_key: Array | None = None,
+) -> tuple[Params, dict[str, Array]]:
+    """Gradient of the batch loss w.r.t. the trainable parameters, accumulated over microbatches.
 
     Args:
         config: the model architecture.
-        options: parametrization, how W' is applied, KL, length normalization, chunk size.
-        params: SVF parameters p (the only differentiable input).
-        weights: frozen decoder weights (the targets' dense kernels may be dropped).
-        factors: frozen SVD factors of the targets.
+        options: the method, parametrization, how W' is applied, KL, length normalization, chunk
+            size.
+        params: SVF parameters p or a stacked adapter (the only differentiable input).
+        weights: frozen decoder weights (SVF targets' dense kernels may be dropped).
+        factors: frozen SVD factors of the SVF targets (None for the baselines).
         batch: N rows, N a multiple of `num_microbatches`.
         num_microbatches: sequential microbatches (`lax.scan`) the rows are split into.
+        dropout_key: key data of this update's LoRA / DoRA dropout (each microbatch folds in its
+            index); None: no dropout.
 
     Returns:
         (gradients like params, metrics: "loss", "log_likelihood" and "kl" per real row,
@@ -225,10 +262,14 @@ def compute_gradients(
         normalizer = jnp.maximum(jnp.sum(scored), 1).astype(jnp.float32)
     gradient_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
-    def accumulate(carry, micro: PolicyBatch):
+    def accumulate(carry, inputs: tuple[Array, PolicyBatch]):
         grads, loss, sums = carry
+        index, micro = inputs
+        key = None
+        if dropout_key is not None:
+            key = jax.random.fold_in(jax.random.wrap_key_data(dropout_key), index)
         (micro_loss, micro_sums), micro_grads = gradient_fn(
-            params, config, options, weights, factors, micro, normalizer
+            params, config, options, weights, factors, micro, normalizer, key
         )
         grads = jax.tree.map(jnp.add, grads, micro_grads)
         sums = jax.tree.map(jnp.add, sums, micro_sums)
@@ -237,16 +278,15 @@ def compute_gradients(
     zeros = jax.tree.map(jnp.zeros_like, params)
     sums = {name: jnp.zeros((), jnp.float32) for name in ("log_likelihood", "kl", "tokens")}
     carry = (zeros, jnp.zeros((), jnp.float32), sums)
-    (grads, loss, sums), _ = jax.lax.scan(
-        accumulate, carry, _split_microbatches(batch, num_microbatches)
-    )
+    microbatches = (jnp.arange(num_microbatches), _split_microbatches(batch, num_microbatches))
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, carry, microbatches)
     metrics = {"loss": loss, **{name: total / num_rows for name, total in sums.items()}}
     return grads, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("rl",), donate_argnames=("state",))
 def apply_gradients(
-    rl: RLConfig, state: TrainState, grads: svf_lib.SVFParams
+    rl: RLConfig, state: TrainState, grads: Params
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update. Returns the new state and the pre-clip gradient and update norms."""
     updates, opt_state = make_optimizer(rl).update(grads, state.opt_state, state.params)
@@ -261,13 +301,14 @@ def train_step(
     rl: RLConfig,
     state: TrainState,
     weights: model_lib.Weights,
-    factors: svf_factors.ModelFactors,
+    factors: svf_factors.ModelFactors | None,
     batch: PolicyBatch,
     num_microbatches: int = 1,
+    dropout_key: Array | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """`compute_gradients` then `apply_gradients` (the loop calls them apart to time them)."""
     grads, metrics = compute_gradients(
-        config, options, state.params, weights, factors, batch, num_microbatches
+        config, options, state.params, weights, factors, batch, num_microbatches, dropout_key
     )
     state, update_metrics = apply_gradients(rl, state, grads)
     return state, {**metrics, **update_metrics}

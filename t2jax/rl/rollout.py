@@ -1,6 +1,7 @@
-"""One training step's data, and greedy evaluation during training: rollouts generated with W'(z)
-merged into the weights (one greedy completion per prompt, official), scored by the task's official
-scorer into rewards (`t2jax.tasks.reward_of`), and turned into the placed teacher-forcing batch.
+"""One training step's data, and greedy evaluation during training: rollouts generated with the
+trained adapter (SVF's W'(z), or a LoRA / IA3 / DoRA adapter) merged into the weights (one
+greedy completion per prompt, official), scored by the task's official scorer into rewards
+(`t2jax.tasks.reward_of`), and turned into the placed teacher-forcing batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from t2jax import parallel
+from t2jax.adapted import Choice
 from t2jax.evaluation import evaluate_model, standard_error
 from t2jax.rl.batch import (
     assemble_batch,
@@ -25,7 +27,6 @@ from t2jax.rl.batch import (
 from t2jax.rl.loss import PolicyBatch
 from t2jax.rl.setup import Setup
 from t2jax.sampler import Generation
-from t2jax.svf import core as svf_lib
 from t2jax.tasks import Example, reward_of
 
 
@@ -42,16 +43,16 @@ class Rollouts:
 
 
 def generate_rollouts(
-    setup: Setup, z: svf_lib.ZVectors, examples: Sequence[Example], seed: int
+    setup: Setup, choice: Choice, examples: Sequence[Example], seed: int
 ) -> Rollouts:
-    """Generates `samples_per_prompt` completions per example with W'(z) merged into the weights
-    (greedy by default, as in the official code)."""
+    """Generates `samples_per_prompt` completions per example with the adapter `choice` merged
+    into the weights (greedy by default, as in the official code)."""
     rl = setup.config.rl
     repeated = [example for example in examples for _ in range(rl.samples_per_prompt)]
     prompts = [setup.prompt(example) for example in repeated]
     generation = setup.model.generate(
         prompts,
-        [z],
+        [choice],
         [0] * len(prompts),
         max_new_tokens=setup.max_new_tokens,
         stop_strings=setup.task.stop_strings,
@@ -139,16 +140,17 @@ def _placed_batch(
 
 def evaluate_split(
     setup: Setup,
-    z: svf_lib.ZVectors,
+    choice: Choice,
     split: str,
     examples: Sequence[Example],
     out_dir: pathlib.Path,
 ) -> dict[str, float]:
-    """Greedy accuracy of W'(z) on examples, with per-sample records in `out_dir` (main process;
-    the others write to a temporary directory). Returns accuracy, reward, standard error, n."""
+    """Greedy accuracy of the adapter `choice` merged into the weights on examples, with
+    per-sample records in `out_dir` (main process; the others write to a temporary directory).
+    Returns accuracy, reward, standard error, n."""
     with tempfile.TemporaryDirectory() as scratch:
         summary = evaluate_model(
-            setup.model.sampler_for(z),
+            setup.model.sampler_for(choice),
             setup.task,
             examples,
             out_dir if parallel.is_main_process() else scratch,

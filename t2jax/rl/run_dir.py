@@ -16,6 +16,9 @@ import jax
 
 from t2jax import files, parallel
 from t2jax import metrics as metrics_lib
+from t2jax.adapters import core as adapters
+from t2jax.adapters import peft_format
+from t2jax.config import ModelConfig
 from t2jax.configuration import ConfigError, to_dict
 from t2jax.rl.config import TrainConfig
 from t2jax.svf import core as svf_lib
@@ -24,13 +27,16 @@ from t2jax.svf import experts as experts_lib
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
 SUMMARY_FILE = "summary.json"
-BEST_EXPERT_FILE = "best_expert.safetensors"
-FINAL_EXPERT_FILE = "final_expert.safetensors"
-# Rewritten at every checkpoint: usable while a run is going or after it was stopped.
-LATEST_EXPERT_FILE = "latest_expert.safetensors"
 # Config fields that only say where files are and how devices are used: a run may resume on
 # another machine with its data and SVD cache elsewhere, and another mesh.
 LOCATION_FIELDS = ("data_dir", "cache_dir", "mesh")
+
+
+def expert_name(which: str, method: str) -> str:
+    """Where a run keeps its "best", "latest" (rewritten at every checkpoint: usable while a run
+    is going or after it was stopped) or "final" parameters: a portable expert file for SVF
+    ("best_expert.safetensors"), a PEFT adapter directory for LoRA / IA3 / DoRA ("best_adapter")."""
+    return f"{which}_expert.safetensors" if method == "svf" else f"{which}_adapter"
 
 
 class RunDirectory:
@@ -52,7 +58,8 @@ class RunDirectory:
         config.
 
         Raises:
-            ConfigError: the directory holds a run with another model, task, svf or rl config.
+            ConfigError: the directory holds a run with another model, task, adapter, svf or rl
+                config.
         """
         if not self.is_main:
             return
@@ -60,10 +67,11 @@ class RunDirectory:
         path = self.path / CONFIG_FILE
         if path.exists():
             previous = json.loads(path.read_text())
-            for section in ("model", "task", "svf", "rl"):
-                if _without_locations(previous.get(section)) != _without_locations(
-                    resolved[section]
-                ):
+            defaults = to_dict(TrainConfig())  # a section missing from an older run: its default
+            for section in ("model", "task", "adapter", "svf", "rl"):
+                if _without_locations(
+                    previous.get(section, defaults[section])
+                ) != _without_locations(resolved[section]):
                     raise ConfigError(
                         f"{self.path} holds a run with a different {section} config; resume it "
                         f"with the same config or use another run.workdir"
@@ -78,13 +86,30 @@ class RunDirectory:
         parametrization: svf_lib.Parametrization,
         fingerprint: str,
     ) -> None:
-        """Writes params as a portable expert file (atomic replace)."""
+        """Writes SVF params as a portable expert file (atomic replace)."""
         if not self.is_main:
             return
         expert = experts_lib.expert_from_params(
             jax.tree.map(parallel.host_array, params), parametrization, fingerprint=fingerprint
         )
         experts_lib.save_expert(expert, self.path / filename)
+
+    def export_adapter(
+        self,
+        adapter: adapters.ModelAdapters,
+        name: str,
+        config: ModelConfig,
+        *,
+        alpha: float,
+        base_model: str,
+    ) -> None:
+        """Writes a LoRA / IA3 / DoRA adapter as a PEFT adapter directory (atomic replace)."""
+        if not self.is_main:
+            return
+        host = jax.tree.map(parallel.host_array, adapter)
+        peft_format.save_peft(
+            self.path / name, host, config, alpha=alpha, base_model=base_model, overwrite=True
+        )
 
     def finish(self, summary: dict[str, Any], best_step: int | None, title: str) -> None:
         """Plots the learning curve from metrics.jsonl, then writes summary.json (last: the run is

@@ -1,15 +1,18 @@
-"""SVF expert training with REINFORCE, as the official code does it (spec section 2).
+"""SVF expert training with REINFORCE, as the official code does it (spec section 2), and the
+paper's baselines (LoRA / IA3 / DoRA, `adapter.method`; next-token prediction, `rl.objective`)
+through the same loop.
 
 One training step (`Trainer._step`):
-  1. rollout: merge W'(z) into the weights once and generate one greedy completion per prompt
-     (official) with the t2jax sampler (`t2jax.rl.rollout`);
-  2. score: the task's official scorer gives +1 / -1 rewards;
+  1. rollout: merge the adapter (W'(z) for SVF) into the weights once and generate one greedy
+     completion per prompt (official) with the t2jax sampler (`t2jax.rl.rollout`);
+  2. score: the task's official scorer gives +1 / -1 rewards (next-token training replaces 1-2
+     by the reference solutions);
   3. log-prob forward/backward (`t2jax.rl.loss.compute_gradients`) and update
      (`t2jax.rl.loss.apply_gradients`);
   4. every `eval_every` updates (after update i with i % eval_every == 0, as in the official code):
      greedy evaluation on the train and valid splits; the expert with the strictly best valid
-     accuracy is kept (the base model is never a candidate) and exported as a portable expert
-     file (`t2jax.svf.experts`).
+     accuracy is kept (the base model is never a candidate) and exported: SVF as a portable
+     expert file (`t2jax.svf.experts`), a baseline as a PEFT adapter directory.
 The state is checkpointed with orbax (`t2jax.rl.checkpoint`) so a killed run resumes where it
 stopped and ends with the same expert.
 
@@ -32,11 +35,12 @@ import tqdm
 
 from t2jax import metrics as metrics_lib
 from t2jax import parallel
+from t2jax.adapted import Choice
 from t2jax.evaluation import paired_comparison
 from t2jax.rl import checkpoint as checkpoint_lib
 from t2jax.rl.batch import batch_schedule
 from t2jax.rl.config import TrainConfig
-from t2jax.rl.loss import LossOptions, apply_gradients, compute_gradients, init_state
+from t2jax.rl.loss import LossOptions, Params, apply_gradients, compute_gradients, init_state
 from t2jax.rl.rollout import (
     evaluate_split,
     generate_rollouts,
@@ -45,9 +49,8 @@ from t2jax.rl.rollout import (
     rollout_metrics,
     score_rollouts,
 )
-from t2jax.rl.run_dir import BEST_EXPERT_FILE, FINAL_EXPERT_FILE, LATEST_EXPERT_FILE, RunDirectory
+from t2jax.rl.run_dir import RunDirectory, expert_name
 from t2jax.rl.setup import Setup, load_setup
-from t2jax.svf import core as svf_lib
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,8 @@ class Trainer:
     Files written by the main process: config.json (resolved config), run_info.json (git
     revision, JAX version, devices), metrics.jsonl, tensorboard/, eval/step_N/SPLIT/ (per-sample
     records), checkpoints/ (orbax), best_expert.safetensors, latest_expert.safetensors (the
-    params of the newest checkpoint, written just before it), final_expert.safetensors,
+    params of the newest checkpoint, written just before it), final_expert.safetensors (for a
+    baseline: best_adapter/, latest_adapter/, final_adapter/ in PEFT's format),
     learning_curve.png and summary.json (written last: the run is finished).
     """
 
@@ -120,7 +124,7 @@ class Trainer:
         )
         try:
             if start == 0 and latest is None and self.config.run.eval_base:
-                recorder.write(0, self._evaluate(self.setup.model.base_z(), 0))
+                recorder.write(0, self._evaluate(self.setup.base_choice(), 0))
             tree, best, elapsed = self._loop(tree, best, start, elapsed, recorder)
         finally:
             recorder.close()
@@ -135,7 +139,7 @@ class Trainer:
         bar = tqdm.tqdm(
             total=rl.num_iters,
             initial=start,
-            desc=f"svf {self.setup.task.name}",
+            desc=f"{self.config.adapter.method} {self.setup.task.name}",
             disable=not (self.config.run.progress and self.is_main),
         )
         for index in range(start, rl.num_iters):
@@ -172,8 +176,7 @@ class Trainer:
                 batch, num_microbatches = reference_batch(setup, examples)
         else:
             with timer.phase("rollout"):
-                z = svf_lib.z_of(state.params, config.svf.parametrization)
-                rollouts = generate_rollouts(setup, z, examples, seed)
+                rollouts = generate_rollouts(setup, setup.choice(state.params), examples, seed)
             with timer.phase("score"):
                 rollouts = score_rollouts(setup, rollouts)
             with timer.phase("batch"):
@@ -182,12 +185,13 @@ class Trainer:
         with timer.phase("logprob_fwd_bwd"):
             grads, loss_metrics = compute_gradients(
                 setup.model.config,
-                LossOptions.from_config(config.svf, config.rl),
+                LossOptions.from_config(config.adapter, config.svf, config.rl),
                 state.params,
                 setup.model.weights,
                 setup.model.factors,
                 batch,
                 num_microbatches,
+                None if setup.is_svf else jax.random.key_data(jax.random.fold_in(key, 1)),
             )
             jax.block_until_ready(grads)
         with timer.phase("update"):
@@ -206,50 +210,57 @@ class Trainer:
     ) -> tuple[dict[str, Any], Best]:
         """Evaluates the current params into `record`; a strictly better valid accuracy makes them
         the best expert (kept in the tree and exported)."""
-        z = svf_lib.z_of(tree["state"].params, self.config.svf.parametrization)
-        evaluation = self._evaluate(z, step)
+        evaluation = self._evaluate(self.setup.choice(tree["state"].params), step)
         record.update(evaluation)
         accuracy = evaluation["eval/valid/accuracy"]
         if accuracy > best.accuracy:
             best = Best(accuracy, step)
             tree["best_params"] = _copy(tree["state"].params)
-            self._export(tree["best_params"], BEST_EXPERT_FILE)
+            self._export(tree["best_params"], "best")
         return tree, best
 
     def _checkpoint(self, tree: dict[str, Any], best: Best, step: int, elapsed: float) -> None:
         """Exports the latest expert, then saves the checkpoint of `step`."""
         meta = {"best_accuracy": best.accuracy, "best_step": best.step, "elapsed_s": elapsed}
-        self._export(tree["state"].params, LATEST_EXPERT_FILE)
+        self._export(tree["state"].params, "latest")
         self.checkpoints.save(step, tree, meta)
 
-    def _evaluate(self, z: svf_lib.ZVectors, step: int) -> dict[str, float]:
-        """Greedy evaluation of W'(z) on the train (unless eval_train_limit is 0) and valid
-        examples; per-sample records go to eval/step_N/{train,valid}."""
+    def _evaluate(self, choice: Choice, step: int) -> dict[str, float]:
+        """Greedy evaluation of the adapter `choice` on the train (unless eval_train_limit is 0)
+        and valid examples; per-sample records go to eval/step_N/{train,valid}."""
         began = time.perf_counter()
         out = self.workdir / "eval" / f"step_{step:06d}"
         record = {}
         if self.setup.eval_train:
             record.update(
-                evaluate_split(self.setup, z, "train", self.setup.eval_train, out / "train")
+                evaluate_split(self.setup, choice, "train", self.setup.eval_train, out / "train")
             )
-        record.update(evaluate_split(self.setup, z, "valid", self.setup.valid, out / "valid"))
+        record.update(evaluate_split(self.setup, choice, "valid", self.setup.valid, out / "valid"))
         record["time/eval"] = time.perf_counter() - began
         return record
 
-    def _export(self, params: svf_lib.SVFParams, filename: str) -> None:
-        """Writes params as a portable expert file (main process)."""
-        self.files.export(
+    def _export(self, params: Params, which: str) -> None:
+        """Writes the "best", "latest" or "final" params (main process): SVF as a portable
+        expert file, a baseline as a PEFT adapter directory."""
+        name = expert_name(which, self.config.adapter.method)
+        if self.setup.is_svf:
+            self.files.export(
+                params, name, self.config.svf.parametrization, self.setup.model.factors.fingerprint
+            )
+            return
+        self.files.export_adapter(
             params,
-            filename,
-            self.config.svf.parametrization,
-            self.setup.model.factors.fingerprint,
+            name,
+            self.setup.model.config,
+            alpha=self.config.adapter.alpha,
+            base_model=self.config.model.name,
         )
 
     def _finish(self, tree: dict[str, Any], best: Best, elapsed: float) -> dict[str, Any]:
         """Exports the final expert, compares best and base on valid and test (if any), plots
         the learning curve and writes summary.json."""
-        params = tree["state"].params
-        self._export(params, FINAL_EXPERT_FILE)
+        params, method = tree["state"].params, self.config.adapter.method
+        self._export(params, "final")
         found = best.step is not None
         summary = {
             "status": "finished",
@@ -258,8 +269,10 @@ class Trainer:
             "steps": int(tree["state"].step),
             "best_step": best.step,
             "best_valid_accuracy": best.accuracy if found else None,
-            "best_expert": str(self.workdir / BEST_EXPERT_FILE) if found else None,
-            "final_expert": str(self.workdir / FINAL_EXPERT_FILE),
+            "method": self.config.adapter.method,
+            "objective": self.config.rl.objective,
+            "best_expert": str(self.workdir / expert_name("best", method)) if found else None,
+            "final_expert": str(self.workdir / expert_name("final", method)),
             "train_seconds": elapsed,
         }
         eval_dir = self.workdir / "eval"
@@ -269,19 +282,21 @@ class Trainer:
             )
         if self.setup.test:
             summary.update(self._test(tree["best_params"] if found else params))
-        title = f"SVF {self.setup.task.name} / {self.config.model.name}"
+        title = f"{method.upper()} {self.setup.task.name} / {self.config.model.name}"
         self.files.finish(summary, best.step, title)
         return summary
 
-    def _test(self, chosen: svf_lib.SVFParams) -> dict[str, Any]:
+    def _test(self, chosen: Params) -> dict[str, Any]:
         """Greedy accuracies of the base model and of the chosen params on the test split, and
         their paired comparison."""
         eval_dir = self.workdir / "eval"
-        z_best = svf_lib.z_of(chosen, self.config.svf.parametrization)
         results = {}
-        for name, z in (("base", self.setup.model.base_z()), ("best", z_best)):
+        for name, choice in (
+            ("base", self.setup.base_choice()),
+            ("best", self.setup.choice(chosen)),
+        ):
             results[f"test_{name}"] = evaluate_split(
-                self.setup, z, "test", self.setup.test, eval_dir / f"test_{name}"
+                self.setup, choice, "test", self.setup.test, eval_dir / f"test_{name}"
             )
         results["test_vs_base"] = paired_comparison(eval_dir / "test_base", eval_dir / "test_best")
         return results

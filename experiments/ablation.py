@@ -1,0 +1,257 @@
+"""The paper's Table 4 ablation at a CPU budget: SVF against LoRA / IA3 / DoRA, policy gradient
+against next-token prediction, on one training task, with the unseen-task column.
+
+Every arm trains with the same recipe (`RECIPE`: batch, updates, token budget, validation) except
+its method, objective, modules and learning rate (`ARMS`), through `t2jax.rl.trainer` (the expert
+or adapter with the best validation accuracy is kept). Then the base model and every arm's kept
+parameters answer the same held-out items: the first N test items of the task and of its unseen
+task (ARC-Easy -> ARC-Challenge, GSM8K -> MATH-500). Each arm lives in OUT/TASK/ARM/ (run
+directory, then test/ and unseen/ records); a killed command resumes where it stopped (training
+from its checkpoint, evaluations from their records). The table goes to OUT/TASK/table.md and
+table.json: accuracy, difference to base with its paired standard error, trainable parameters,
+training wall time.
+
+    T2JAX_DATA=../shared/data python experiments/ablation.py --task arc_easy --out runs/ablation
+    python experiments/ablation.py --task gsm8k --arms base,svf-pg-mlp,lora-ntp-attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+from t2jax import configuration
+from t2jax.adapted import Choice
+from t2jax.adapters import peft_format
+from t2jax.evaluation import evaluate_model, paired_comparison, standard_error
+from t2jax.loading import load_model_section
+from t2jax.rl import config as rl_config
+from t2jax.rl.run_dir import SUMMARY_FILE, expert_name
+from t2jax.rl.setup import Setup, load_setup
+from t2jax.rl.trainer import Trainer
+from t2jax.sampler import Sampler
+from t2jax.svf import experts as experts_lib
+from t2jax.svf import targets as svf_targets
+from t2jax.tasks import get_task
+
+IA3_MODULES = rl_config.BASELINE_TARGETS["ia3"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One row of Table 4."""
+
+    method: str  # svf, lora, ia3, dora
+    objective: str  # rl, ntp
+    modules: str  # target spec (svf.targets or adapter.targets)
+    lr: float
+
+
+ARMS = {  # in the order "all" runs them: the central comparisons first
+    "svf-pg-mlp": Arm("svf", "rl", "mlp", 1e-2),
+    "lora-ntp-attention": Arm("lora", "ntp", "qv", 5e-4),
+    "svf-ntp-attention": Arm("svf", "ntp", "qv", 1e-2),
+    "lora-pg-attention": Arm("lora", "rl", "qv", 5e-4),
+    "ia3-ntp": Arm("ia3", "ntp", IA3_MODULES, 1e-2),
+    "dora-ntp-attention": Arm("dora", "ntp", "qv", 5e-4),
+    "svf-pg-attention": Arm("svf", "rl", "qv", 1e-2),
+    "svf-pg-both": Arm("svf", "rl", "qv,mlp", 1e-2),
+    "lora-ntp-both": Arm("lora", "ntp", "qv,mlp", 5e-4),
+}
+UNSEEN = {"arc_easy": ("arc_challenge", "test"), "gsm8k": ("math", "math500")}
+MODULE_NAMES = {
+    "mlp": "MLP",
+    "qv": "attention (q, v)",
+    "qv,mlp": "MLP + attention",
+    IA3_MODULES: "k, v, down",
+}
+# The recipe every arm shares (the shipped reasoning expert's, `t2jax/shipped_experts`).
+RECIPE = {
+    "rl.batch_size": 16,
+    "rl.microbatch_size": 8,
+    "rl.num_iters": 10,
+    "rl.eval_every": 10,  # validation after update 1 and after the last
+    "rl.logprob_chunk": 64,
+    "rl.require_extracted_answer": True,
+    "task.valid_sample": 50,
+    "task.eval_train_limit": 0,
+    "task.rows_per_call": 50,
+}
+TOKEN_BUDGETS = {"arc_easy": 32, "gsm8k": 256}
+
+
+def arm_config(name: str, args: argparse.Namespace) -> rl_config.TrainConfig:
+    """The training config of arm `name`."""
+    arm = ARMS[name]
+    targets = (
+        {"svf.targets": arm.modules} if arm.method == "svf" else {"adapter.targets": arm.modules}
+    )
+    overrides = {
+        **RECIPE,
+        "model.name": args.model,
+        "task.name": args.task,
+        "task.data_dir": args.data_dir,
+        "task.max_new_tokens": args.max_new_tokens or TOKEN_BUDGETS[args.task],
+        "rl.num_iters": args.updates,
+        "rl.objective": arm.objective,
+        "rl.lr": arm.lr,
+        "adapter.method": arm.method,
+        "run.workdir": str(args.out / args.task / name),
+        "run.progress": True,
+        **targets,
+    }
+    return configuration.with_overrides(rl_config.TrainConfig(), overrides)
+
+
+def parameter_count(setup_config: rl_config.TrainConfig, model_config) -> int:
+    """Trainable parameters of an arm on the model."""
+    adapter = setup_config.adapter
+    if adapter.method == "svf":
+        targets = svf_targets.resolve_targets(setup_config.svf.targets)
+        return svf_targets.svf_param_count(model_config, targets)
+    targets = svf_targets.resolve_targets(adapter.baseline_targets)
+    return svf_targets.adapter_param_count(model_config, adapter.method, targets, adapter.rank)
+
+
+def kept_choice(setup: Setup, summary: dict) -> Choice:
+    """The parameters the run kept (best validation accuracy, else the final ones)."""
+    method = setup.config.adapter.method
+    path = pathlib.Path(summary["best_expert"] or summary["final_expert"])
+    if method == "svf":
+        return experts_lib.load_expert(path).z()
+    return peft_format.load_peft(path, setup.model.config)
+
+
+def evaluate_columns(sampler: Sampler, directory: pathlib.Path, args) -> dict[str, dict]:
+    """Test and unseen-task accuracies of a sampler, records in directory/{test,unseen}."""
+    results = {}
+    unseen_task, unseen_split = UNSEEN[args.task]
+    for column, task_name, split, size in (
+        ("test", args.task, "test", args.test_n),
+        ("unseen", unseen_task, unseen_split, args.unseen_n),
+    ):
+        task = get_task(task_name)
+        examples = task.load(split, data_dir=args.data_dir)[:size]
+        budget = args.max_new_tokens or TOKEN_BUDGETS[args.task]
+        results[column] = evaluate_model(
+            sampler,
+            task,
+            examples,
+            directory / column,
+            RECIPE["task.rows_per_call"],
+            budget if task_name == args.task else None,
+            config={"split": split, "limit": size},
+        )
+    return results
+
+
+def run_arm(name: str, args) -> dict:
+    """Trains (or resumes) arm `name`, then evaluates its kept parameters."""
+    config = arm_config(name, args)
+    workdir = pathlib.Path(config.run.workdir)
+    setup = load_setup(config)
+    summary_path = workdir / SUMMARY_FILE
+    if not summary_path.exists():
+        Trainer(setup).run()
+    summary = json.loads(summary_path.read_text())
+    choice = kept_choice(setup, summary)
+    evaluate_columns(setup.model.sampler_for(choice), workdir, args)
+    return {
+        "arm": name,
+        "method": config.adapter.method,
+        "objective": config.rl.objective,
+        "modules": ARMS[name].modules,
+        "lr": ARMS[name].lr,
+        "parameters": parameter_count(setup.config, setup.model.config),
+        "train_minutes": summary["train_seconds"] / 60,
+        "best_step": summary["best_step"],
+        "kept": expert_name("best" if summary["best_step"] else "final", config.adapter.method),
+    }
+
+
+def run_base(args) -> dict:
+    """Evaluates the base model (the weights as loaded)."""
+    config = arm_config("lora-ntp-attention", args)
+    loaded = load_model_section(config.model, progress=True)
+    evaluate_columns(Sampler.for_model(loaded), args.out / args.task / "base", args)
+    return {"arm": "base", "method": "base", "objective": "", "modules": "", "parameters": 0}
+
+
+def cell(base_dir: pathlib.Path, arm_dir: pathlib.Path) -> dict:
+    """Accuracy of an arm's column and its paired difference to base."""
+    records = json.loads((arm_dir / "summary.json").read_text())
+    out = {
+        "accuracy": records["accuracy"],
+        "standard_error": standard_error(records["correct"], records["n"]),
+        "n": records["n"],
+    }
+    if base_dir != arm_dir:
+        out["vs_base"] = paired_comparison(base_dir, arm_dir)
+    return out
+
+
+def table(rows: list[dict], args) -> str:
+    """The Markdown table of Table 4's shape."""
+    root = args.out / args.task
+    unseen = UNSEEN[args.task][0]
+    lines = [
+        f"| arm | method | objective | modules | #params | {args.task} test | vs base "
+        f"| {unseen} | vs base | train min |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        columns = []
+        for column in ("test", "unseen"):
+            result = cell(root / "base" / column, root / row["arm"] / column)
+            row[column] = result
+            columns.append(f"{100 * result['accuracy']:.1f} ± {100 * result['standard_error']:.1f}")
+            comparison = result.get("vs_base")
+            columns.append(
+                "–"
+                if comparison is None
+                else f"{100 * comparison['difference']:+.1f} ± "
+                f"{100 * comparison['difference_standard_error']:.1f}"
+            )
+        minutes = row.get("train_minutes")
+        lines.append(
+            f"| {row['arm']} | {row['method']} | {row['objective']} "
+            f"| {MODULE_NAMES.get(row['modules'], row['modules'])} | {row['parameters']:,} "
+            f"| {columns[0]} | {columns[1]} | {columns[2]} | {columns[3]} "
+            f"| {'' if minutes is None else f'{minutes:.1f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=sorted(UNSEEN), default="arc_easy")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--arms", default="all", help=f"comma list of base and {sorted(ARMS)}")
+    parser.add_argument("--updates", type=int, default=RECIPE["rl.num_iters"])
+    parser.add_argument("--test-n", type=int, default=300)
+    parser.add_argument("--unseen-n", type=int, default=300)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/ablation"))
+    args = parser.parse_args(argv)
+    names = ["base", *ARMS] if args.arms == "all" else args.arms.split(",")
+    unknown = sorted(set(names) - {"base", *ARMS})
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; use base or {sorted(ARMS)}")
+    if names[0] != "base":
+        names.insert(0, "base")  # every difference is against the base model's answers
+    began = time.perf_counter()
+    rows = [run_base(args) if name == "base" else run_arm(name, args) for name in names]
+    root = args.out / args.task
+    markdown = table(rows, args)
+    (root / "table.md").write_text(markdown)
+    (root / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(markdown)
+    print(f"{root / 'table.md'} ({(time.perf_counter() - began) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
