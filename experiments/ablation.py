@@ -5,11 +5,12 @@ Every arm trains with the same recipe (`RECIPE`: batch, updates, token budget, v
 its method, objective, modules and learning rate (`ARMS`), through `t2jax.rl.trainer` (the expert
 or adapter with the best validation accuracy is kept). Then the base model and every arm's kept
 parameters answer the same held-out items: the first N test items of the task and of its unseen
-task (ARC-Easy -> ARC-Challenge, GSM8K -> MATH-500). Each arm lives in OUT/TASK/ARM/ (run
-directory, then test/ and unseen/ records); a killed command resumes where it stopped (training
-from its checkpoint, evaluations from their records). The table goes to OUT/TASK/table.md and
-table.json: accuracy, difference to base with its paired standard error, trainable parameters,
-training wall time.
+task (ARC-Easy -> ARC-Challenge, GSM8K -> MATH-500), both with the training task's token budget
+(`TOKEN_BUDGETS`; 32 tokens for ARC as the shipped reasoning expert). Each arm lives in
+OUT/TASK/ARM/ (run directory, then test/ and unseen/ records); a killed command resumes where it
+stopped (training from its checkpoint, evaluations from their records). The table goes to
+OUT/TASK/table.md and table.json: accuracy, difference to base with its paired standard error,
+trainable parameters, training wall time.
 
     T2JAX_DATA=../shared/data python experiments/ablation.py --task arc_easy --out runs/ablation
     python experiments/ablation.py --task gsm8k --arms base,svf-pg-mlp,lora-ntp-attention
@@ -126,7 +127,8 @@ def kept_choice(setup: Setup, summary: dict) -> Choice:
 
 
 def evaluate_columns(sampler: Sampler, directory: pathlib.Path, args) -> dict[str, dict]:
-    """Test and unseen-task accuracies of a sampler, records in directory/{test,unseen}."""
+    """Test and unseen-task accuracies of a sampler, records in directory/{test,unseen}, both
+    with the training task's token budget (the answer format the arms were trained for)."""
     results = {}
     unseen_task, unseen_split = UNSEEN[args.task]
     for column, task_name, split, size in (
@@ -135,14 +137,13 @@ def evaluate_columns(sampler: Sampler, directory: pathlib.Path, args) -> dict[st
     ):
         task = get_task(task_name)
         examples = task.load(split, data_dir=args.data_dir)[:size]
-        budget = args.max_new_tokens or TOKEN_BUDGETS[args.task]
         results[column] = evaluate_model(
             sampler,
             task,
             examples,
             directory / column,
             RECIPE["task.rows_per_call"],
-            budget if task_name == args.task else None,
+            args.max_new_tokens or TOKEN_BUDGETS[args.task],
             config={"split": split, "limit": size},
         )
     return results

@@ -226,6 +226,9 @@ class SamplerConfig:
     # Between decode chunks, once at most half of the rows are still generating, continue with
     # those rows only (the batch halves to a power of two; each new size compiles once).
     compact_rows: bool = True
+    # Rows of one weight set that share at least this many leading prompt tokens prefill them
+    # once (`t2jax.prefill.prefill_shared`); 0 turns it off.
+    min_shared_prefix: int = 32
 
 
 @dataclasses.dataclass(frozen=True)

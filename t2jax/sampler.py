@@ -7,12 +7,12 @@ stops as soon as every row has produced an end id. Stop strings need the tokeniz
 checked on the host between decode chunks (rows that hit one are marked done) and the text is cut
 at the stop string. Between chunks, once at most half of the rows are still generating, the batch
 is compacted to those rows (`SamplerConfig.compact_rows`): finished rows stop costing compute.
+Prompts that share a long token prefix prefill it once (`t2jax.prefill.prefill_shared`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,41 +25,20 @@ from t2jax import parallel
 from t2jax.config import ModelConfig, SamplerConfig
 from t2jax.loading import LoadedModel
 from t2jax.padding import bucket_length, left_pad, new_tokens_bucket
+from t2jax.prefill import (
+    DecodeState,
+    empty_cache,
+    jit_over_cache,
+    prefill,
+    prefill_shared,
+    sample_token,
+    shared_prefix_length,
+)
 from t2jax.svf.core import ModelSVF, pad_expert_rows, take_expert_rows
 
 Array = jax.Array
 
 STOP_CHECK_CHUNK = 32  # decode steps between host-side checks (stop strings, compaction)
-
-# Every decode step reads each layer's cache and then updates it in place. XLA:CPU's default copy
-# insertion cannot prove that order and copies every layer's cache every step (120 copies of
-# [B, K, S, H] per SmolLM2 step); its region analysis can, which makes batch-32 decode ~1.25x
-# faster. The option only concerns XLA:CPU; other backends ignore it.
-CACHE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-
-
-def _jit_over_cache(donate: str):
-    """`jax.jit` for the sampler's steps: static config, `donate` donated, in-place cache."""
-    return functools.partial(
-        jax.jit,
-        static_argnames=("config",),
-        donate_argnames=(donate,),
-        compiler_options=CACHE_COMPILER_OPTIONS,
-    )
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """Loop state of the decode `while_loop`."""
-
-    cache: model_lib.KVCache
-    tokens: Array  # [B, N] generated ids (pad after a row is done)
-    next_token: Array  # [B] last sampled id, fed at the next step
-    next_position: Array  # [B] RoPE position of next_token
-    done: Array  # [B] bool
-    lengths: Array  # [B] int32: generated tokens before the end id
-    step: Array  # [] int32: tokens generated so far (the next write column)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,105 +54,7 @@ class Generation:
         return [len(ids) for ids in self.token_ids]
 
 
-def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
-    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits: [B, V]."""
-
-    def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-
-    def stochastic(_):
-        scaled = logits / temperature  # [B, V]
-        scaled = jax.lax.cond(top_p < 1.0, _nucleus_filter, lambda x, p: x, scaled, top_p)
-        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)  # [B]
-
-    return jax.lax.cond(temperature > 0, stochastic, greedy, None)
-
-
-def _nucleus_filter(logits: Array, top_p: Array) -> Array:
-    """Masks tokens outside the smallest set whose probability mass reaches top_p. [B, V]."""
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, V]
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V]
-    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)  # [B, V]
-    threshold = jnp.min(kept, axis=-1, keepdims=True)  # [B, 1]
-    return jnp.where(logits >= threshold, logits, -jnp.inf)  # [B, V]
-
-
-def cache_shardings(cache: model_lib.KVCache, mesh: jax.sharding.Mesh) -> model_lib.KVCache:
-    """Shardings of a cache (arrays or `ShapeDtypeStruct`s) on `mesh`: rows over the data axes,
-    kv heads over the tensor axis (where they divide), the rest replicated."""
-
-    def kv(x) -> jax.sharding.NamedSharding:  # [L, B, K, S, H] or [B, K, S, H]
-        logical = (None,) * (x.ndim - 4) + ("batch", "heads", None, None)
-        return jax.sharding.NamedSharding(
-            mesh, parallel.logical_to_spec(logical, x.shape, mesh, parallel.ShardingRules())
-        )
-
-    return model_lib.KVCache(
-        k=jax.tree.map(kv, cache.k),
-        v=jax.tree.map(kv, cache.v),
-        valid=parallel.batch_sharding(mesh),
-        index=parallel.replicated(mesh),
-    )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("config", "batch", "length", "dtype", "stacked", "mesh")
-)
-def empty_cache(
-    config: ModelConfig,
-    batch: int,
-    length: int,
-    dtype: Any,
-    stacked: bool,
-    mesh: jax.sharding.Mesh | None,
-) -> model_lib.KVCache:
-    """`model.init_cache`, created on the devices already sharded (`cache_shardings`) instead of
-    whole on one device and resharded: a batch-32 x 2048 cache of an 8B model is 8 GiB."""
-    cache = model_lib.init_cache(config, batch, length, dtype=dtype, stacked=stacked)
-    if mesh is None:
-        return cache
-    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
-
-
-@_jit_over_cache(donate="cache")
-def prefill(
-    config: ModelConfig,
-    weights: model_lib.Weights,
-    svf: ModelSVF | None,
-    tokens: Array,
-    token_mask: Array,
-    cache: model_lib.KVCache,
-    key: Array,
-    temperature: Array,
-    top_p: Array,
-    eos_ids: Array,
-) -> DecodeState:
-    """Runs the prompts [B, P] through the model into an empty cache of P + N slots (created
-    outside, so XLA does not constant-fold attention to it) and samples the first new token."""
-    batch = tokens.shape[0]
-    out_length = cache.valid.shape[1] - tokens.shape[1]
-    positions = model_lib.positions_from_mask(token_mask)  # [B, P]
-    hidden, cache = model_lib.forward(
-        config, weights, tokens, positions, token_mask, cache, svf, empty_cache=True
-    )  # [B, P, D]
-    last_logits = model_lib.logits(weights, hidden[:, -1])  # [B, V]
-    first = sample_token(last_logits, jax.random.fold_in(key, 0), temperature, top_p)  # [B]
-    empty_row = ~jnp.any(token_mask, axis=-1)  # [B] batch-padding rows
-    done = jnp.isin(first, eos_ids) | empty_row  # [B]
-    out = jnp.zeros((batch, out_length), jnp.int32).at[:, 0].set(jnp.where(done, 0, first))
-    return DecodeState(
-        cache=cache,
-        tokens=out,
-        next_token=first,
-        next_position=positions[:, -1] + 1,
-        done=done,
-        lengths=jnp.where(done, 0, 1).astype(jnp.int32),
-        step=jnp.ones((), jnp.int32),
-    )
-
-
-@_jit_over_cache(donate="state")
+@jit_over_cache(donate="state")
 def decode(
     config: ModelConfig,
     weights: model_lib.Weights,
@@ -371,35 +252,24 @@ class Sampler:
         if any(not tokens for tokens in token_lists):
             raise ValueError("every prompt must contain at least one token")
         rows = -(-len(token_lists) // self.batch_multiple) * self.batch_multiple
-        length = bucket_length(max(map(len, token_lists)), self.sampler_config.prompt_buckets)
-        ids, mask = left_pad(token_lists, length, rows)
         if svf is not None:
             svf = pad_expert_rows(svf, rows)  # per-row experts follow the batch padding
-        ids, mask = self._place(ids), self._place(mask)
         key = jax.random.key(seed)
         temperature_array = jnp.asarray(temperature, jnp.float32)
         top_p_array = jnp.asarray(top_p, jnp.float32)
         eos_ids = jnp.asarray([-1], jnp.int32) if ignore_eos else self.eos_ids
-        cache = empty_cache(
-            self.config,
-            rows,
-            length + new_tokens_bucket(max_new_tokens),
-            jnp.dtype(self.weights.embed.dtype),
-            model_lib.is_stacked(self.weights.layers),
-            getattr(self.batch_sharding, "mesh", None),
-        )
-        state = prefill(
-            self.config,
-            self.weights,
-            svf,
-            ids,
-            mask,
-            cache,
-            key,
-            temperature_array,
-            top_p_array,
-            eos_ids,
-        )
+        sampling = (key, temperature_array, top_p_array, eos_ids)
+        shared = 0
+        if svf is None and self.config.sliding_window is None:
+            shared = shared_prefix_length(token_lists, self.sampler_config.min_shared_prefix)
+        if shared:
+            state = self._prefill_shared(token_lists, shared, rows, max_new_tokens, sampling)
+        else:
+            length = bucket_length(max(map(len, token_lists)), self.sampler_config.prompt_buckets)
+            ids, mask = left_pad(token_lists, length, rows)
+            cache = self._empty_cache(rows, length + new_tokens_bucket(max_new_tokens))
+            ids, mask = self._place(ids), self._place(mask)
+            state = prefill(self.config, self.weights, svf, ids, mask, cache, *sampling)
         compact = self.sampler_config.compact_rows
         chunk = STOP_CHECK_CHUNK if stop_strings or compact else max_new_tokens
         outputs = _Rows.empty(rows, state.tokens.shape[1])
@@ -429,6 +299,46 @@ class Sampler:
                 outputs.batch_rows, stopped = outputs.batch_rows[kept], stopped[kept]
         outputs.store(state, stopped)
         return self._finish(outputs, len(token_lists), stop_strings)
+
+    def _empty_cache(self, rows: int, length: int, sharded: bool = True) -> model_lib.KVCache:
+        """An empty cache of `length` slots per row, sharded like the batch (or not)."""
+        return empty_cache(
+            self.config,
+            rows,
+            length,
+            jnp.dtype(self.weights.embed.dtype),
+            model_lib.is_stacked(self.weights.layers),
+            getattr(self.batch_sharding, "mesh", None) if sharded else None,
+        )
+
+    def _prefill_shared(
+        self,
+        token_lists: list[list[int]],
+        shared: int,
+        rows: int,
+        max_new_tokens: int,
+        sampling: tuple[Array, ...],
+    ) -> DecodeState:
+        """`prefill_shared` of prompts whose first `shared` tokens are the same."""
+        buckets = self.sampler_config.prompt_buckets
+        prefix_length = bucket_length(shared, buckets)
+        prefix, prefix_mask = left_pad([token_lists[0][:shared]], prefix_length, 1)
+        suffixes = [tokens[shared:] for tokens in token_lists]
+        suffix_length = bucket_length(max(map(len, suffixes)), buckets)
+        ids, mask = left_pad(suffixes, suffix_length, rows)
+        prefix_cache = self._empty_cache(1, prefix_length, sharded=False)
+        slots = prefix_length + suffix_length + new_tokens_bucket(max_new_tokens)
+        return prefill_shared(
+            self.config,
+            self.weights,
+            jnp.asarray(prefix),
+            jnp.asarray(prefix_mask),
+            self._place(ids),
+            self._place(mask),
+            prefix_cache,
+            self._empty_cache(rows, slots),
+            *sampling,
+        )
 
     def _place(self, array: np.ndarray) -> Array:
         """A host array (the same on every process) as a global array with the batch sharding;

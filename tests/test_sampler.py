@@ -13,7 +13,8 @@ from t2jax import model as model_lib
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
 from t2jax.padding import bucket_length, new_tokens_bucket
-from t2jax.sampler import Sampler, compacted_rows, empty_cache
+from t2jax.prefill import empty_cache
+from t2jax.sampler import Sampler, compacted_rows
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import factors as svf_factors
 from t2jax.svf import targets as svf_targets
@@ -350,3 +351,51 @@ def test_platform_of_follows_the_arrays_devices_under_jit():
     assert model_lib.activation_dtype(jnp.bfloat16, "tpu") == jnp.bfloat16
     assert model_lib.activation_dtype(jnp.bfloat16, "cpu") == jnp.float32
     assert not model_lib.default_layout_is_stacked(mesh)
+
+
+SHARED_PREFIX = "Classify the request below as math, code, reasoning or other, then answer it. "
+
+
+@pytest.mark.parametrize("variant", ["unrolled", "scan", "batch_sharded"])
+def test_shared_prefix_is_prefilled_once_with_the_same_outputs(
+    tiny_checkpoint, monkeypatch, variant
+):
+    """Prompts that share a prefix (one of them the prefix and one more token) prefill it once as
+    one row, and every greedy output equals the plain prefill's and a cache-free re-forward's."""
+    import t2jax.sampler as sampler_lib
+
+    prompts = [SHARED_PREFIX + prompt for prompt in [*PROMPTS, "?"]]
+    weights = loading.weights_from_hf(
+        tiny_checkpoint.config, tiny_checkpoint.tensors, stacked=variant == "scan"
+    )
+    sharding = {}
+    if variant == "batch_sharded":
+        mesh = parallel.make_mesh(MeshConfig(shape=(8, 1, 1)))
+        sharding = dict(batch_sharding=parallel.batch_sharding(mesh), batch_multiple=8)
+
+    def sampler(**config):
+        return Sampler(
+            tiny_checkpoint.config,
+            weights,
+            tiny_checkpoint.tokenizer,
+            (tiny.VOCAB_SIZE - 1,),
+            SamplerConfig(**config),
+            **sharding,
+        )
+
+    shared_calls = []
+    prefill_shared = sampler_lib.prefill_shared
+
+    def counting_prefill_shared(config, weights, prefix, *args):
+        shared_calls.append(prefix.shape)
+        return prefill_shared(config, weights, prefix, *args)
+
+    monkeypatch.setattr(sampler_lib, "prefill_shared", counting_prefill_shared)
+    shared = sampler().generate(prompts, max_new_tokens=24)
+    plain = sampler(min_shared_prefix=0).generate(prompts, max_new_tokens=24)
+    prefix_tokens = len(sampler().encode([SHARED_PREFIX])[0])
+    assert shared_calls == [(1, bucket_length(prefix_tokens, SamplerConfig().prompt_buckets))]
+    assert shared == plain
+    ids = sampler().encode(prompts[1:2])[0]
+    expected = _greedy_reference(tiny_checkpoint.config, weights, ids, 24)
+    assert shared.token_ids[1] == expected[: len(shared.token_ids[1])]

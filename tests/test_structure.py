@@ -23,7 +23,7 @@ LAYERS = [
         "adapters.weights",
     },
     {"svf.experts", "svf.shipped"},
-    {"sampler", "metrics", "evaluation", "reports", "adapted", "export"},
+    {"prefill", "sampler", "metrics", "evaluation", "reports", "adapted", "export"},
     {"rl", "adaptation", "plan.abstract", "plan.programs", "plan.search"},
     {"sweeps"},
     {"cli"},

@@ -1,7 +1,7 @@
 """t2jax's jitted programs lowered with abstract arguments, and the per-device memory of one
 compiled for a topology.
 
-The very functions that `t2jax train/adapt/eval/generate` run (`sampler.prefill`,
+The very functions that `t2jax train/adapt/eval/generate` run (`prefill.prefill`,
 `sampler.decode`, `svf_factors.merge_kernels`, `rl.loss.compute_gradients`) are lowered with
 `jax.ShapeDtypeStruct`s (`t2jax.plan.abstract`) and compiled: the TPU compiler rejects a program
 that exceeds HBM (RESOURCE_EXHAUSTED), and `memory_analysis()` gives the per-device bytes of the
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from t2jax import model as model_lib
-from t2jax import padding, parallel, sampler
+from t2jax import padding, parallel, prefill, sampler
 from t2jax.config import ModelConfig
 from t2jax.plan.abstract import (
     abstract_array,
@@ -166,13 +166,13 @@ class Programs:
         shapes = jax.eval_shape(
             lambda: model_lib.init_cache(self.config, self.rows, length, dtype=self.dtype)
         )
-        shardings = sampler.cache_shardings(shapes, self.mesh)
+        shardings = prefill.cache_shardings(shapes, self.mesh)
         return jax.tree.map(lambda s, sh: abstract_array(s.shape, s.dtype, sh), shapes, shardings)
 
     def prefill(self):
-        """`sampler.prefill` of a batch of prompt buckets into an empty cache."""
+        """`prefill.prefill` of a batch of prompt buckets into an empty cache."""
         shape = (self.rows, self.workload.prompt_length)
-        return sampler.prefill.lower(
+        return prefill.prefill.lower(
             self.config,
             self.weights,
             None,
@@ -190,7 +190,7 @@ class Programs:
         """Whether `decode_state` has been built (from a compiled prefill's shardings)."""
         return self._state is not None
 
-    def decode_state(self, compiled_prefill: Any = None) -> sampler.DecodeState:
+    def decode_state(self, compiled_prefill: Any = None) -> prefill.DecodeState:
         """The abstract decode state the prefill returns (with its output shardings)."""
         if self._state is None:
             shapes = self.prefill().out_info
