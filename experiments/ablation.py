@@ -2,13 +2,15 @@
 against next-token prediction, on one training task, with the unseen-task column.
 
 Every arm trains with the same recipe (`RECIPE`: batch, updates, token budget, validation) except
-its method, objective, modules and learning rate (`ARMS`), through `t2jax.rl.trainer` (the expert
-or adapter with the best validation accuracy is kept). Then the base model and every arm's kept
-parameters answer the same held-out items: the first N test items of the task and of its unseen
-task (ARC-Easy -> ARC-Challenge, GSM8K -> MATH-500), both with the training task's token budget
-(`TOKEN_BUDGETS`; 32 tokens for ARC as the shipped reasoning expert). Each arm lives in
-OUT/TASK/ARM/ (run directory, then test/ and unseen/ records); a killed command resumes where it
-stopped (training from its checkpoint, evaluations from their records). The table goes to
+its method, objective, modules and learning rate (`ARMS`), through `t2jax.rl.trainer`. Every arm is
+judged by its final parameters, after the same number of updates: the trainer's validation (50
+seeded items after the first and the last update) only draws the curves, because on so few items the
+official keep-the-strictly-best rule picks noise (ties keep the first checkpoint). Then the base
+model and every arm's final parameters answer the same held-out items: the first N test items of the
+task and of its unseen task (ARC-Easy -> ARC-Challenge, GSM8K -> MATH-500), both with the training
+task's token budget (`TOKEN_BUDGETS`; 32 tokens for ARC as the shipped reasoning expert). Each arm
+lives in OUT/TASK/ARM/ (run directory, then test/ and unseen/ records); a killed command resumes
+where it stopped (training from its checkpoint, evaluations from their records). The table goes to
 OUT/TASK/table.md and table.json: accuracy, difference to base with its paired standard error,
 trainable parameters, training wall time.
 
@@ -117,10 +119,10 @@ def parameter_count(setup_config: rl_config.TrainConfig, model_config) -> int:
     return svf_targets.adapter_param_count(model_config, adapter.method, targets, adapter.rank)
 
 
-def kept_choice(setup: Setup, summary: dict) -> Choice:
-    """The parameters the run kept (best validation accuracy, else the final ones)."""
+def final_choice(setup: Setup, summary: dict) -> Choice:
+    """The run's final parameters."""
     method = setup.config.adapter.method
-    path = pathlib.Path(summary["best_expert"] or summary["final_expert"])
+    path = pathlib.Path(summary["final_expert"])
     if method == "svf":
         return experts_lib.load_expert(path).z()
     return peft_format.load_peft(path, setup.model.config)
@@ -158,7 +160,7 @@ def run_arm(name: str, args) -> dict:
     if not summary_path.exists():
         Trainer(setup).run()
     summary = json.loads(summary_path.read_text())
-    choice = kept_choice(setup, summary)
+    choice = final_choice(setup, summary)
     evaluate_columns(setup.model.sampler_for(choice), workdir, args)
     return {
         "arm": name,
@@ -168,8 +170,8 @@ def run_arm(name: str, args) -> dict:
         "lr": ARMS[name].lr,
         "parameters": parameter_count(setup.config, setup.model.config),
         "train_minutes": summary["train_seconds"] / 60,
-        "best_step": summary["best_step"],
-        "kept": expert_name("best" if summary["best_step"] else "final", config.adapter.method),
+        "updates": summary["steps"],
+        "final": expert_name("final", config.adapter.method),
     }
 
 
