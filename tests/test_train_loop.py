@@ -271,3 +271,22 @@ def test_load_splits_limits_and_seeded_valid_sample():
     positions = [all_valid.index(example) for example in valid]
     assert positions == sorted(positions)  # split order kept
     assert valid == load_splits(sampled)[3]  # seeded
+
+
+def test_older_run_configs_resume_and_changed_ones_do_not(tmp_path):
+    """A run directory written before a section or field existed resumes (its default is what the
+    run had); a run with another method does not."""
+    from t2jax import parallel
+    from t2jax.config import MeshConfig
+    from t2jax.rl.run_dir import CONFIG_FILE, RunDirectory
+
+    mesh = parallel.make_mesh(MeshConfig(shape=(-1, 1, 1)))
+    older = configuration.to_dict(rl_config.TrainConfig())
+    del older["adapter"]
+    del older["rl"]["objective"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(older))
+    files = RunDirectory(tmp_path, is_main=True)
+    files.write_config(rl_config.TrainConfig(), mesh)  # resumes
+    lora = configuration.with_overrides(rl_config.TrainConfig(), {"adapter.method": "lora"})
+    with pytest.raises(ConfigError, match="different adapter config"):
+        files.write_config(lora, mesh)

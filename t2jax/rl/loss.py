@@ -34,7 +34,7 @@ from t2jax import logprobs as logprobs_lib
 from t2jax import model as model_lib
 from t2jax.adapters import core as adapters
 from t2jax.config import ModelConfig
-from t2jax.rl.config import AdapterSection, RLConfig, SVFSection
+from t2jax.rl.config import AdapterSection, Method, RLConfig, SVFSection
 from t2jax.svf import core as svf_lib
 from t2jax.svf import factors as svf_factors
 
@@ -89,7 +89,7 @@ class LossOptions:
     """
 
     objective: Literal["policy_gradient", "next_token"] = "policy_gradient"
-    method: str = "svf"
+    method: Method = "svf"
     dropout: float = 0.0
     parametrization: svf_lib.Parametrization = svf_lib.OFFICIAL_PARAMETRIZATION
     mode: str = "merged"

@@ -67,11 +67,11 @@ class RunDirectory:
         path = self.path / CONFIG_FILE
         if path.exists():
             previous = json.loads(path.read_text())
-            defaults = to_dict(TrainConfig())  # a section missing from an older run: its default
+            # Sections and fields an older run's config lacks had their defaults then.
+            defaults = to_dict(TrainConfig())
             for section in ("model", "task", "adapter", "svf", "rl"):
-                if _without_locations(
-                    previous.get(section, defaults[section])
-                ) != _without_locations(resolved[section]):
+                before = {**defaults[section], **previous.get(section, {})}
+                if _without_locations(before) != _without_locations(resolved[section]):
                     raise ConfigError(
                         f"{self.path} holds a run with a different {section} config; resume it "
                         f"with the same config or use another run.workdir"
