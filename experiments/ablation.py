@@ -29,6 +29,7 @@ import time
 from t2jax import configuration
 from t2jax.adapted import Choice
 from t2jax.adapters import peft_format
+from t2jax.checkpoints import load_checkpoint
 from t2jax.evaluation import evaluate_model, paired_comparison, standard_error
 from t2jax.loading import load_model_section
 from t2jax.rl import config as rl_config
@@ -151,8 +152,8 @@ def evaluate_columns(sampler: Sampler, directory: pathlib.Path, args) -> dict[st
     return results
 
 
-def run_arm(name: str, args) -> dict:
-    """Trains (or resumes) arm `name`, then evaluates its kept parameters."""
+def run_arm(name: str, args) -> None:
+    """Trains (or resumes) arm `name`, then evaluates its final parameters."""
     config = arm_config(name, args)
     workdir = pathlib.Path(config.run.workdir)
     setup = load_setup(config)
@@ -160,27 +161,38 @@ def run_arm(name: str, args) -> dict:
     if not summary_path.exists():
         Trainer(setup).run()
     summary = json.loads(summary_path.read_text())
-    choice = final_choice(setup, summary)
-    evaluate_columns(setup.model.sampler_for(choice), workdir, args)
+    evaluate_columns(setup.model.sampler_for(final_choice(setup, summary)), workdir, args)
+
+
+def run_base(args) -> None:
+    """Evaluates the base model (the weights as loaded)."""
+    config = arm_config("lora-ntp-attention", args)
+    loaded = load_model_section(config.model, progress=True)
+    evaluate_columns(Sampler.for_model(loaded), args.out / args.task / "base", args)
+
+
+def finished(directory: pathlib.Path) -> bool:
+    """Whether an arm (or base) has both columns evaluated."""
+    return all((directory / column / "summary.json").exists() for column in ("test", "unseen"))
+
+
+def arm_row(name: str, args, model_config) -> dict:
+    """The table row of a finished arm."""
+    if name == "base":
+        return {"arm": "base", "method": "base", "objective": "", "modules": "", "parameters": 0}
+    config = arm_config(name, args)
+    summary = json.loads((pathlib.Path(config.run.workdir) / SUMMARY_FILE).read_text())
     return {
         "arm": name,
         "method": config.adapter.method,
         "objective": config.rl.objective,
         "modules": ARMS[name].modules,
         "lr": ARMS[name].lr,
-        "parameters": parameter_count(setup.config, setup.model.config),
+        "parameters": parameter_count(config, model_config),
         "train_minutes": summary["train_seconds"] / 60,
         "updates": summary["steps"],
         "final": expert_name("final", config.adapter.method),
     }
-
-
-def run_base(args) -> dict:
-    """Evaluates the base model (the weights as loaded)."""
-    config = arm_config("lora-ntp-attention", args)
-    loaded = load_model_section(config.model, progress=True)
-    evaluate_columns(Sampler.for_model(loaded), args.out / args.task / "base", args)
-    return {"arm": "base", "method": "base", "objective": "", "modules": "", "parameters": 0}
 
 
 def cell(base_dir: pathlib.Path, arm_dir: pathlib.Path) -> dict:
@@ -239,6 +251,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/ablation"))
+    parser.add_argument(
+        "--report", action="store_true", help="only write the table of the arms already finished"
+    )
     args = parser.parse_args(argv)
     names = ["base", *ARMS] if args.arms == "all" else args.arms.split(",")
     unknown = sorted(set(names) - {"base", *ARMS})
@@ -247,8 +262,15 @@ def main(argv=None) -> None:
     if names[0] != "base":
         names.insert(0, "base")  # every difference is against the base model's answers
     began = time.perf_counter()
-    rows = [run_base(args) if name == "base" else run_arm(name, args) for name in names]
+    if not args.report:
+        for name in names:
+            if name == "base":
+                run_base(args)
+            else:
+                run_arm(name, args)
     root = args.out / args.task
+    model_config = load_checkpoint(args.model, progress=False).config
+    rows = [arm_row(name, args, model_config) for name in names if finished(root / name)]
     markdown = table(rows, args)
     (root / "table.md").write_text(markdown)
     (root / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
