@@ -12,7 +12,7 @@ task's token budget (`TOKEN_BUDGETS`; 32 tokens for ARC as the shipped reasoning
 lives in OUT/TASK/ARM/ (run directory, then test/ and unseen/ records); a killed command resumes
 where it stopped (training from its checkpoint, evaluations from their records). The table goes to
 OUT/TASK/table.md and table.json: accuracy, difference to base with its paired standard error,
-trainable parameters, training wall time.
+trainable parameters, training wall time; items.json keeps every arm's per-item correctness.
 
     T2JAX_DATA=../shared/data python experiments/ablation.py --task arc_easy --out runs/ablation
     python experiments/ablation.py --task gsm8k --arms base,svf-pg-mlp,lora-ntp-attention
@@ -30,7 +30,13 @@ from t2jax import configuration
 from t2jax.adapted import Choice
 from t2jax.adapters import peft_format
 from t2jax.checkpoints import load_checkpoint
-from t2jax.evaluation import evaluate_model, paired_comparison, standard_error
+from t2jax.evaluation import (
+    SAMPLES_FILE,
+    evaluate_model,
+    paired_comparison,
+    read_records,
+    standard_error,
+)
 from t2jax.loading import load_model_section
 from t2jax.rl import config as rl_config
 from t2jax.rl.run_dir import SUMMARY_FILE, expert_name
@@ -208,6 +214,19 @@ def cell(base_dir: pathlib.Path, arm_dir: pathlib.Path) -> dict:
     return out
 
 
+def item_results(root: pathlib.Path, rows: list[dict]) -> dict:
+    """{arm: {column: {item id: 1 if correct else 0}}}: the per-item evidence behind the table,
+    small enough to keep when the run directories are gone."""
+    results = {}
+    for row in rows:
+        for column in ("test", "unseen"):
+            records = read_records(root / row["arm"] / column / SAMPLES_FILE)
+            results.setdefault(row["arm"], {})[column] = {
+                item: int(record["correct"]) for item, record in sorted(records.items())
+            }
+    return results
+
+
 def table(rows: list[dict], args) -> str:
     """The Markdown table of Table 4's shape."""
     root = args.out / args.task
@@ -274,6 +293,7 @@ def main(argv=None) -> None:
     markdown = table(rows, args)
     (root / "table.md").write_text(markdown)
     (root / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (root / "items.json").write_text(json.dumps(item_results(root, rows)) + "\n")
     print(markdown)
     print(f"{root / 'table.md'} ({(time.perf_counter() - began) / 60:.1f} min)")
 
