@@ -52,7 +52,7 @@ def gradient_step(setup: Setup, config: TrainConfig, state, batch, num_microbatc
     """The gradient and optimizer update of one batch under `config`'s SVF mode and remat."""
     grads, _ = compute_gradients(
         setup.model.config,
-        LossOptions.from_config(config.svf, config.rl),
+        LossOptions.from_config(config.adapter, config.svf, config.rl),
         state.params,
         setup.model.weights,
         setup.model.factors,

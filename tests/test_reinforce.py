@@ -17,7 +17,7 @@ from t2jax import model as model_lib
 from t2jax.config import MeshConfig
 from t2jax.rl import batch as rl_batch
 from t2jax.rl import loss as rl_loss
-from t2jax.rl.config import RLConfig, SVFSection
+from t2jax.rl.config import AdapterSection, RLConfig, SVFSection
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import core as svf_lib
 from t2jax.svf import factors as svf_factors
@@ -26,6 +26,7 @@ from t2jax.tasks import Score, reward_of
 
 CONFIG = svf_tiny.CONFIG
 TARGETS = svf_targets.TARGET_SETS["mlp"]
+ADAPTER = AdapterSection()
 SVF = SVFSection()
 RL = RLConfig(lr=1e-2, max_grad_norm=1.0, logprob_chunk=8)
 
@@ -77,7 +78,7 @@ def _batch(advantages, seed=0, rows=8):
 
 def _gradients(frozen, params, batch, rl=RL, num_microbatches=1):
     weights, factors = frozen
-    options = rl_loss.LossOptions.from_config(SVF, rl)
+    options = rl_loss.LossOptions.from_config(ADAPTER, SVF, rl)
     return rl_loss.compute_gradients(
         CONFIG, options, params, weights, factors, batch, num_microbatches
     )
@@ -138,7 +139,7 @@ def test_one_step_moves_the_log_likelihood_with_the_reward(frozen, reward):
     batch, _ = _batch([reward], seed=3)
     _, before = _gradients(frozen, params, batch)
 
-    options = rl_loss.LossOptions.from_config(SVF, RL)
+    options = rl_loss.LossOptions.from_config(ADAPTER, SVF, RL)
     state, _ = rl_loss.train_step(CONFIG, options, RL, state, weights, factors, batch)
     _, after = _gradients(frozen, state.params, batch)
 
@@ -192,7 +193,7 @@ def test_eight_device_step_equals_one_device_step():
         )
         batch = rl_batch.place_batch(host, mesh)
         state = rl_loss.init_state(params, rl)
-        options = rl_loss.LossOptions.from_config(SVF, rl)
+        options = rl_loss.LossOptions.from_config(ADAPTER, SVF, rl)
         state, metrics = rl_loss.train_step(CONFIG, options, rl, state, weights, factors, batch, 2)
         results.append((state, metrics, weights, batch))
 
@@ -299,7 +300,9 @@ def test_remat_keeps_the_gradient_and_lowers_its_memory(stacked):
     num_rows = jnp.asarray(4.0)
 
     def compiled_gradient(remat):
-        options = rl_loss.LossOptions.from_config(SVF, dataclasses.replace(RL, remat=remat))
+        options = rl_loss.LossOptions.from_config(
+            ADAPTER, SVF, dataclasses.replace(RL, remat=remat)
+        )
 
         def loss(params):
             return rl_loss.microbatch_loss(
