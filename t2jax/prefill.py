@@ -155,12 +155,7 @@ def shared_prefix_length(token_lists: Sequence[Sequence[int]], minimum: int) -> 
     return length if length >= minimum else 0
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config",),
-    donate_argnames=("cache",),
-    compiler_options=CACHE_COMPILER_OPTIONS,
-)
+@jit_over_cache(donate="cache")
 def prefill_shared(
     config: ModelConfig,
     weights: model_lib.Weights,

@@ -10,6 +10,7 @@ import pytest
 import tiny
 from test_adapters import adapters_from_peft, peft_logits, peft_model, t2jax_logits
 
+from t2jax import model as model_lib
 from t2jax.adapters import core as adapters
 from t2jax.adapters import weights as adapter_weights
 from t2jax.loading import load_model
@@ -23,7 +24,7 @@ DROPOUT = 0.3
 
 
 def _stacked(adapter: adapters.ModelAdapters) -> adapters.ModelAdapters:
-    return adapters.ModelAdapters(jax.tree.map(lambda *xs: jnp.stack(xs), *adapter.layers))
+    return adapters.ModelAdapters(model_lib.stack_layers(adapter.layers))
 
 
 def _batch(completion: int = 4) -> rl_loss.PolicyBatch:

@@ -13,7 +13,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -21,6 +20,7 @@ import svf_tiny
 import tiny
 
 from t2jax import configuration, loading
+from t2jax import model as model_lib
 from t2jax.adapters import core as adapters
 from t2jax.adapters import peft_format
 from t2jax.cli import app as cli
@@ -121,6 +121,22 @@ def test_next_token_training_learns_the_reference_answers_without_rollouts(model
     assert {"time/batch", "time/logprob_fwd_bwd", "time/update"} <= set(records[1])
 
 
+# A small baseline adapter on every module of the tiny model.
+SMALL_ADAPTER = {"adapter.targets": "all", "adapter.rank": 4, "adapter.alpha": 8}
+
+
+def _train_baseline(model_dir, workdir, **extra):
+    """Trains a baseline run; (its config, summary, metrics records)."""
+    config = configuration.resolve_config(
+        rl_config.TrainConfig,
+        CONFIG_SPEC,
+        _overrides(model_dir, workdir, **SMALL_ADAPTER, **extra),
+    )
+    summary = trainer.train(config)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return config, summary, records
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "dora"])
 def test_baselines_learn_the_reference_answers_and_export_peft_adapters(
     model_dir, tmp_path, method
@@ -131,12 +147,7 @@ def test_baselines_learn_the_reference_answers_and_export_peft_adapters(
     workdir = tmp_path / method
     extra = {"rl.objective": "ntp", "rl.num_iters": 16, "rl.eval_every": 5, "rl.temperature": 0.0}
     extra.update({"rl.samples_per_prompt": 1, "rl.advantage": "none", "adapter.method": method})
-    extra.update({"adapter.targets": "all", "adapter.rank": 4, "adapter.alpha": 8})
-    config = configuration.resolve_config(
-        rl_config.TrainConfig, CONFIG_SPEC, _overrides(model_dir, workdir, **extra)
-    )
-    summary = trainer.train(config)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    config, summary, records = _train_baseline(model_dir, workdir, **extra)
     base, best = records[0], records[summary["best_step"]]
     print(method, [r.get("eval/valid/accuracy") for r in records])
     assert base["eval/valid/reward"] < -0.8
@@ -148,7 +159,7 @@ def test_baselines_learn_the_reference_answers_and_export_peft_adapters(
     adapter = peft_format.load_peft(workdir / "best_adapter", loaded.config)
     assert len(adapter.layers) == loaded.config.num_layers
     setup = rl_setup.load_setup(config)
-    stacked = adapters.ModelAdapters(jax.tree.map(lambda *xs: jnp.stack(xs), *adapter.layers))
+    stacked = adapters.ModelAdapters(model_lib.stack_layers(adapter.layers))
     accuracy = rollout.evaluate_split(setup, stacked, "valid", setup.valid, tmp_path / "re")
     assert accuracy["eval/valid/accuracy"] == pytest.approx(best["eval/valid/accuracy"])
 
@@ -158,12 +169,7 @@ def test_lora_policy_gradient_learns_the_synthetic_task(model_dir, tmp_path):
     B starts at 0, and SVF's 0.2 makes it collapse here as in the paper's Figure 9)."""
     workdir = tmp_path / "lora_rl"
     extra = {"rl.num_iters": 12, "rl.eval_every": 4, "adapter.method": "lora", "rl.lr": 0.02}
-    extra.update({"adapter.targets": "all", "adapter.rank": 4, "adapter.alpha": 8})
-    config = configuration.resolve_config(
-        rl_config.TrainConfig, CONFIG_SPEC, _overrides(model_dir, workdir, **extra)
-    )
-    summary = trainer.train(config)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    _, summary, records = _train_baseline(model_dir, workdir, **extra)
     base, best = records[0], records[summary["best_step"]]
     print([r.get("eval/valid/reward") for r in records])
     assert best["eval/valid/reward"] > base["eval/valid/reward"] + 0.5

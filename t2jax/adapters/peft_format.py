@@ -26,6 +26,7 @@ import numpy as np
 import safetensors.numpy
 
 from t2jax import files
+from t2jax import model as model_lib
 from t2jax.adapters.core import (
     IA3_INPUT_MODULES,
     DoRATarget,
@@ -182,7 +183,7 @@ def unstacked(adapter: ModelAdapters, num_layers: int) -> tuple[LayerAdapters, .
     if not isinstance(layers, tuple):
         leaves = jax.tree.leaves(layers)
         count = leaves[0].shape[0] if leaves else 0
-        layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count))
+        layers = tuple(model_lib.layer_slice(layers, i) for i in range(count))
     if len(layers) != num_layers:
         raise AdapterFormatError(f"{len(layers)} adapter layers for a {num_layers}-layer model")
     return layers

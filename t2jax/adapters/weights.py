@@ -105,9 +105,8 @@ def merge_into_weights(weights: model_lib.Weights, adapters: ModelAdapters) -> m
         return new
 
     if model_lib.is_stacked(weights.layers):
-        if isinstance(layer_adapters, tuple):
-            layer_adapters = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_adapters)
-        layers = jax.vmap(merged_layer)(weights.layers, layer_adapters.targets)
+        stacked = model_lib.stack_layers(layer_adapters)
+        layers = jax.vmap(merged_layer)(weights.layers, stacked.targets)
         return dataclasses.replace(weights, layers=layers)
     layers = tuple(
         merged_layer(layer, model_lib.layer_slice(layer_adapters, i).targets)
