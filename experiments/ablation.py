@@ -30,6 +30,7 @@ from t2jax import configuration
 from t2jax.adapted import Choice
 from t2jax.adapters import peft_format
 from t2jax.checkpoints import load_checkpoint
+from t2jax.config import ModelSection
 from t2jax.evaluation import (
     SAMPLES_FILE,
     evaluate_model,
@@ -172,8 +173,7 @@ def run_arm(name: str, args) -> None:
 
 def run_base(args) -> None:
     """Evaluates the base model (the weights as loaded)."""
-    config = arm_config("lora-ntp-attention", args)
-    loaded = load_model_section(config.model, progress=True)
+    loaded = load_model_section(ModelSection(name=args.model), progress=True)
     evaluate_columns(Sampler.for_model(loaded), args.out / args.task / "base", args)
 
 
