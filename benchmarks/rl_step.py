@@ -5,19 +5,22 @@ The training step of `t2jax.rl.trainer` in its phases, with the functions it run
 scorer (`score_rollouts`), the teacher-forced forward/backward (`rl.loss.compute_gradients`) and
 the optimizer update (`apply_gradients`). The rollouts and their scores do not depend on how the
 gradient applies W', so each step generates and scores one batch, then times the gradient of that
-same batch in every variant (merged / factored SVF x remat off / on), interleaved, so load on a
-shared machine hits every variant alike. One untimed warm-up step compiles everything; the
-figures are medians over `--steps` timed steps.
+same batch in every variant (merged / factored / auto SVF x remat off / on), interleaved, so load
+on a shared machine hits every variant alike. Merged is the official code's way (and t2jax's
+default before "auto"), so the table shows each variant's whole update against it. One untimed
+warm-up step compiles everything; the figures are medians over `--steps` timed steps.
 
 The configuration is the `cpu` preset of `experiments/configs/svf.py` (batch 32, 128 new tokens,
 microbatches of 8), overridable with `--set KEY=VALUE`.
 
     python benchmarks/rl_step.py [--model smollm2-135m-instruct] [--task gsm8k] [--steps 3]
+        [--variants merged,auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -38,7 +41,10 @@ VARIANTS = {
     "merged + remat": {"svf.mode": "merged", "rl.remat": True},
     "factored": {"svf.mode": "factored", "rl.remat": False},
     "factored + remat": {"svf.mode": "factored", "rl.remat": True},
+    "auto": {"svf.mode": "auto", "rl.remat": False},
+    "auto + remat": {"svf.mode": "auto", "rl.remat": True},
 }
+BEFORE = "merged"
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -62,15 +68,13 @@ def gradient_step(setup: Setup, config: TrainConfig, state, batch, num_microbatc
     return apply_gradients(config.rl, state, grads)
 
 
-def benchmark(setup: Setup, steps: int) -> dict[str, list[float]]:
-    """Per-phase seconds of `steps` timed steps (after one warm-up step)."""
+def benchmark(setup: Setup, steps: int, names: list[str]) -> dict[str, list[float]]:
+    """Per-phase seconds of `steps` timed steps (after one warm-up step) for the gradient
+    variants `names` (keys of `VARIANTS`)."""
     config = setup.config
     params = setup.initial_params()
     z = svf_lib.z_of(params, config.svf.parametrization)
-    variants = {
-        name: configuration.with_overrides(config, overrides)
-        for name, overrides in VARIANTS.items()
-    }
+    variants = {name: configuration.with_overrides(config, VARIANTS[name]) for name in names}
     seconds: dict[str, list[float]] = {"rollout": [], "score": [], "batch": []}
     seconds.update({f"gradient: {name}": [] for name in variants})
     for step in range(steps + 1):
@@ -93,13 +97,23 @@ def benchmark(setup: Setup, steps: int) -> dict[str, list[float]]:
 
 
 def report(seconds: dict[str, list[float]]) -> str:
-    """A Markdown table: median seconds per phase and the share of a merged-SVF update."""
+    """A Markdown table: median seconds per phase, its share of a merged-SVF update, and each
+    variant's whole update (rollout + score + batch + its gradient) against the merged one."""
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    update = median["rollout"] + median["score"] + median["batch"] + median["gradient: merged"]
-    lines = ["| phase | median s | share of a merged update |", "|---|---:|---:|"]
+    shared = median["rollout"] + median["score"] + median["batch"]
+    gradients = {
+        name.removeprefix("gradient: "): value
+        for name, value in median.items()
+        if name.startswith("gradient: ")
+    }
+    before = shared + gradients.get(BEFORE, math.nan)
+    lines = [f"| phase | median s | share of a {BEFORE} update |", "|---|---:|---:|"]
     for name, value in median.items():
-        lines.append(f"| {name} | {value:.2f} | {100 * value / update:.0f}% |")
-    lines.append(f"| update (rollout + score + batch + merged gradient) | {update:.2f} | 100% |")
+        lines.append(f"| {name} | {value:.2f} | {100 * value / before:.0f}% |")
+    for name, gradient in gradients.items():
+        update = shared + gradient
+        share = f"{100 * update / before:.0f}% ({before / update:.2f}x faster)"
+        lines.append(f"| update with the {name} gradient | {update:.2f} | {share} |")
     return "\n".join(lines)
 
 
@@ -108,8 +122,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--task", default="gsm8k")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides.update({"run.progress": False})
     config = configuration.resolve_config(
@@ -124,7 +145,7 @@ def main() -> None:
         f"samples, {setup.max_new_tokens} new tokens, microbatches of {rl.microbatch_size}, "
         f"{args.steps} timed steps after 1 warm-up; backend {jax.default_backend()}"
     )
-    print(report(benchmark(setup, args.steps)))
+    print(report(benchmark(setup, args.steps, names)))
 
 
 if __name__ == "__main__":

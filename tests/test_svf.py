@@ -78,11 +78,25 @@ def test_uniform_z_is_the_base_model_and_rescaling_z_is_a_no_op(tiny_model, mode
     assert float(jnp.abs(adapted - base).max()) > 1e-2  # the expert does change the model
 
 
-def test_merged_equals_factored_on_logits(tiny_model):
+def test_merged_equals_factored_and_auto_on_logits(tiny_model):
     z = _random_z(3)
     merged = _adapted_logits(tiny_model, z, "merged")
     factored = _adapted_logits(tiny_model, z, "factored")
     np.testing.assert_allclose(factored, merged, atol=1e-4)
+    np.testing.assert_allclose(_adapted_logits(tiny_model, z, "auto"), merged, atol=1e-4)
+
+
+def test_gradient_pass_mode_picks_the_cheaper_application():
+    """Closed-form flop counts: Qwen2.5-0.5B's MLP kernels (896 <-> 4864, rank 896) are cheaper
+    factored at any token count; its square q_proj (rank 896) only below about 3 x 896 tokens."""
+    for tokens in (1, 512, 65536):
+        assert svf_lib.gradient_pass_mode(tokens, 896, 896, 4864) == "factored"  # gate / up
+        assert svf_lib.gradient_pass_mode(tokens, 4864, 896, 896) == "factored"  # down
+    assert svf_lib.gradient_pass_mode(2048, 896, 896, 896) == "factored"
+    assert svf_lib.gradient_pass_mode(4096, 896, 896, 896) == "merged"
+    # merged = 3 N d^2 + 3 d^3 and factored = 4 N d^2 cross at N = 3 d
+    assert svf_lib.gradient_pass_mode(3 * 896 - 1, 896, 896, 896) == "factored"
+    assert svf_lib.gradient_pass_mode(3 * 896 + 1, 896, 896, 896) == "merged"
 
 
 def test_merged_weights_equal_merged_svf(tiny_model):
@@ -128,7 +142,7 @@ def test_per_row_experts_in_the_sampler_equal_single_expert_runs(unstacked_model
     assert len({tuple(ids) for ids in alone}) == len(prompts)  # the experts do differ
 
 
-@pytest.mark.parametrize("mode", ["merged", "factored"])
+@pytest.mark.parametrize("mode", ["merged", "factored", "auto"])
 def test_grad_wrt_p_matches_central_differences(unstacked_model, mode):
     weights, factors = unstacked_model
     tokens, mask = _batch()

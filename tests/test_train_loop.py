@@ -281,7 +281,8 @@ def test_load_splits_limits_and_seeded_valid_sample():
 
 def test_older_run_configs_resume_and_changed_ones_do_not(tmp_path):
     """A run directory written before a section or field existed resumes (its default is what the
-    run had); a run with another method does not."""
+    run had), so does one that computed the same gradient another way (the official merged mode,
+    no remat); a run with another method does not."""
     from t2jax import parallel
     from t2jax.config import MeshConfig
     from t2jax.rl.run_dir import CONFIG_FILE, RunDirectory
@@ -290,6 +291,8 @@ def test_older_run_configs_resume_and_changed_ones_do_not(tmp_path):
     older = configuration.to_dict(rl_config.TrainConfig())
     del older["adapter"]
     del older["rl"]["objective"]
+    older["svf"]["mode"] = "merged"
+    older["rl"]["remat"] = True
     (tmp_path / CONFIG_FILE).write_text(json.dumps(older))
     files = RunDirectory(tmp_path, is_main=True)
     files.write_config(rl_config.TrainConfig(), mesh)  # resumes

@@ -23,7 +23,7 @@ KLDirection = Literal["ref_policy", "policy_ref"]
 Advantage = Literal["none", "normalize", "leave_one_out"]
 Objective = Literal["rl", "ntp"]
 CompletionTokens = Literal["retokenize", "sampled"]
-SVFMode = Literal["merged", "factored"]
+SVFMode = Literal["merged", "factored", "auto"]
 Method = Literal["svf", "lora", "ia3", "dora"]
 # The targets of each baseline when `adapter.targets` is not set: the paper's LoRA (q_proj, v_proj;
 # spec section 2.5) and PEFT's IA3 defaults for Llama / Qwen2.
@@ -95,15 +95,17 @@ class SVFSection:
         targets: target set or module keys (`t2jax.svf.targets.resolve_targets`); official "mlp".
         parametrization: z = sigmoid(p) * max_mult (official) or plain z.
         init_std: noise of the initial parameters (official 0.01).
-        mode: how the teacher-forced pass applies W'(z): "merged" (compose W' per layer) or
-            "factored" (((x A) * c s z) B, never materializing W'). Rollouts always merge.
+        mode: how the teacher-forced pass applies W'(z): "merged" (compose W' per layer, as the
+            official code), "factored" (((x A) * c s z) B, never materializing W') or "auto"
+            (default: per matrix, whichever needs fewer flops for the microbatch's tokens,
+            `t2jax.svf.core.gradient_pass_mode`; the same gradient). Rollouts always merge.
         cache_dir: where SVD factors are cached (None: the user cache directory).
     """
 
     targets: str = "mlp"
     parametrization: Parametrization = OFFICIAL_PARAMETRIZATION
     init_std: float = 0.01
-    mode: SVFMode = "merged"
+    mode: SVFMode = "auto"
     cache_dir: str | None = None
 
     def __post_init__(self):

@@ -80,7 +80,7 @@ class LossOptions:
             parameters are the adapter itself).
         dropout: LoRA / DoRA dropout rate of the training forward.
         parametrization: how p maps to z (SVF).
-        mode: how the teacher-forced pass applies W'(z) ("merged" or "factored"; SVF).
+        mode: how the teacher-forced pass applies W'(z) ("merged", "factored" or "auto"; SVF).
         kl_coeff: lambda (0 skips the reference forward pass).
         kl_direction: see `t2jax.logprobs.kl_from_log_probs`.
         length_normalize: divide each log-likelihood by its token count.
@@ -92,7 +92,7 @@ class LossOptions:
     method: Method = "svf"
     dropout: float = 0.0
     parametrization: svf_lib.Parametrization = svf_lib.OFFICIAL_PARAMETRIZATION
-    mode: str = "merged"
+    mode: str = "auto"
     kl_coeff: float = 0.0
     kl_direction: str = "ref_policy"
     length_normalize: bool = False

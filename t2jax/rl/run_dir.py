@@ -30,6 +30,9 @@ SUMMARY_FILE = "summary.json"
 # Config fields that only say where files are and how devices are used: a run may resume on
 # another machine with its data and SVD cache elsewhere, and another mesh.
 LOCATION_FIELDS = ("data_dir", "cache_dir", "mesh")
+# Fields that say how the gradient is computed, not what it is (the same gradient up to rounding):
+# a run may resume with another SVF mode, remat, chunking or microbatching, e.g. to fit a device.
+EXECUTION_FIELDS = ("mode", "remat", "logprob_chunk", "microbatch_size")
 
 
 def expert_name(which: str, method: str) -> str:
@@ -71,7 +74,7 @@ class RunDirectory:
             defaults = to_dict(TrainConfig())
             for section in ("model", "task", "adapter", "svf", "rl"):
                 before = {**defaults[section], **previous.get(section, {})}
-                if _without_locations(before) != _without_locations(resolved[section]):
+                if _what_is_computed(before) != _what_is_computed(resolved[section]):
                     raise ConfigError(
                         f"{self.path} holds a run with a different {section} config; resume it "
                         f"with the same config or use another run.workdir"
@@ -123,8 +126,9 @@ class RunDirectory:
         files.write_json_atomically(self.path / SUMMARY_FILE, summary)
 
 
-def _without_locations(section: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A config section without its `LOCATION_FIELDS`."""
+def _what_is_computed(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config section without its `LOCATION_FIELDS` and `EXECUTION_FIELDS`."""
     if section is None:
         return None
-    return {key: value for key, value in section.items() if key not in LOCATION_FIELDS}
+    ignored = LOCATION_FIELDS + EXECUTION_FIELDS
+    return {key: value for key, value in section.items() if key not in ignored}

@@ -7,6 +7,8 @@ reduced SVD of a kernel in `x @ W` orientation (A = V, B = U^T of HF's [out, in]
 Two equivalent ways to apply it:
   * merged:   materialize W' (one z for the whole batch); decoding then costs as much as the base.
   * factored: ((x @ A) * (c s z)) @ B with z of shape [B, R]: every row carries its own expert.
+and "auto", for the teacher-forced gradient pass of training: per matrix, whichever of the two
+costs fewer flops for a forward and backward pass over the batch's tokens (`gradient_pass_mode`).
 
 This module is pure JAX on pytrees and knows nothing about checkpoints: the composition core above,
 the parametrization z = sigmoid(p) * max_mult with the official initialization (spec section 1.2),
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from t2jax import ops
 
 Array = jax.Array
-Mode = Literal["merged", "factored"]
+Mode = Literal["merged", "factored", "auto"]
 SVFParams = dict[str, Array]  # module key -> [L, R] raw parameters (p, or z for "plain")
 ZVectors = dict[str, Array]  # module key -> [L, R] (one expert) or [L, B, R] (one per row)
 
@@ -86,12 +88,35 @@ def compose(target: SVFTarget) -> Array:
     return (a32 * scaled) @ target.b.astype(jnp.float32)  # [in, out]
 
 
+def gradient_pass_mode(tokens: int, d_in: int, rank: int, d_out: int) -> Mode:
+    """ "merged" or "factored", whichever needs fewer flops for a forward and backward pass (to z
+    and x) of `tokens` tokens through one [d_in, d_out] kernel of SVD rank `rank`.
+
+    Merged: x W', dx = dy W'^T and dW' = x^T dy (3 N in out), plus composing W' and its backward
+    (3 in R out). Factored: (x A) B forward, dy B^T and its product with A^T backward (2 N R
+    (in + out)); dz is an elementwise product of the two. So MLP kernels, with R = in < out / 2,
+    are always cheaper factored; square attention kernels are cheaper merged once the tokens
+    outnumber about 3 R.
+    """
+    merged = 3 * tokens * d_in * d_out + 3 * d_in * rank * d_out
+    factored = 2 * tokens * rank * (d_in + d_out)
+    return "factored" if factored < merged else "merged"
+
+
 def adapted_matmul(x: Array, target: SVFTarget, mode: Mode) -> Array:
     """x @ W'(z). x: [B, T, in]; returns [B, T, out] in x's dtype."""
+    if mode == "auto":
+        (d_in, rank), d_out = target.a.shape, target.b.shape[-1]
+        per_row = target.z.ndim == 2
+        mode = (
+            "factored"
+            if per_row
+            else gradient_pass_mode(x.shape[0] * x.shape[1], d_in, rank, d_out)
+        )
     if mode == "merged":
         return ops.matmul(x, compose(target).astype(target.a.dtype))  # [B, T, out]
     if mode != "factored":
-        raise SVFError(f"unknown SVF mode {mode!r}; expected 'merged' or 'factored'")
+        raise SVFError(f"unknown SVF mode {mode!r}; expected 'merged', 'factored' or 'auto'")
     gains = target.s.astype(jnp.float32) * target.z.astype(jnp.float32)  # [R] or [B, R]
     gains = gains * nuclear_rescale(target.s, target.z)[..., None]  # [R] or [B, R]
     gains = jnp.broadcast_to(gains, (x.shape[0], gains.shape[-1]))  # [B, R]

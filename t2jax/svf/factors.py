@@ -259,8 +259,9 @@ def svf_from_factors(
     Args:
         factors: SVD factors of the targets.
         z: module key -> [L, R] (one expert) or [L, B, R] (one expert per batch row; factored
-            mode only), for exactly the factors' targets.
-        mode: "merged" (compose W' per layer) or "factored" (never materialize W').
+            or auto mode), for exactly the factors' targets.
+        mode: "merged" (compose W' per layer), "factored" (never materialize W') or "auto"
+            (per matrix, the cheaper of the two for a gradient pass; `svf.core.gradient_pass_mode`).
 
     Raises:
         SVDError: z's targets or shapes do not match the factors.
