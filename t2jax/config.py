@@ -229,6 +229,11 @@ class SamplerConfig:
     # Rows of one weight set that share at least this many leading prompt tokens prefill them
     # once (`t2jax.prefill.prefill_shared`); 0 turns it off.
     min_shared_prefix: int = 32
+    # Decode and prefill with q|k|v and gate|up each as one matmul (`model.fuse_projections`):
+    # fewer, larger ops per step. The sampler keeps its own fused copy of those kernels, so None
+    # (default) fuses on CPU only, where per-op overhead dominates small decode steps and memory
+    # is plentiful; on GPU / TPU the copy would cost HBM that `t2jax plan` does not count.
+    fuse_projections: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ a layer out of a stacked array inside the loop copies it every step, which halve
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,8 @@ ATTN_KERNELS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 MLP_KERNELS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 QKV_BIASES = tuple(f"{name}.bias" for name in ATTN_KERNELS[:3])
+# Fused kernel -> the kernels whose columns it concatenates, in order (`fuse_projections`).
+FUSED_GROUPS = {"self_attn.qkv_proj": ATTN_KERNELS[:3], "mlp.gate_up_proj": MLP_KERNELS[:2]}
 
 
 @jax.tree_util.register_dataclass
@@ -95,6 +98,46 @@ def layer_slice(tree: Any, index: int) -> Any:
     if isinstance(tree, tuple):
         return tree[index]
     return jax.tree.map(lambda x: x[index], tree)
+
+
+def fuse_projections(weights: Weights) -> Weights:
+    """`weights` with each group of `FUSED_GROUPS` (q|k|v, gate|up) as one kernel whose columns
+    concatenate the members' (and one bias of the q/k/v biases), members removed: decoding then
+    runs one matmul per group, and per-op overhead dominates small decode steps on CPU.
+
+    A group stays unfused in a layer that lacks a member kernel (SVF training drops adapted
+    kernels) or has biases for only some members. Nothing is fused when a member's output axis is
+    split over devices (tensor parallelism: `t2jax.parallel` shards heads and MLP columns over
+    "tensor"), as the fused columns would no longer line up with the shards of each head. Call it
+    on placed weights: under `jit`, Auto-mode shardings are not visible to that check.
+    """
+    layers = weights.layers
+    dicts = [layers] if is_stacked(layers) else list(layers)
+    names = [name for group in FUSED_GROUPS.values() for name in group]
+    if any(_splits_columns(layer[name]) for layer in dicts for name in names if name in layer):
+        return weights
+    fused = tuple(_fuse_layer(layer) for layer in dicts)
+    return dataclasses.replace(weights, layers=fused[0] if is_stacked(layers) else fused)
+
+
+def _splits_columns(kernel: Array) -> bool:
+    """Whether the output (last) axis of `kernel` is split over several devices."""
+    tracer = isinstance(kernel, jax.core.Tracer)
+    sharding = jax.typeof(kernel).sharding if tracer else getattr(kernel, "sharding", None)
+    return sharding is not None and sharding.shard_shape(kernel.shape)[-1] < kernel.shape[-1]
+
+
+def _fuse_layer(layer: LayerDict) -> LayerDict:
+    """A layer dict (or the stacked one) with its complete groups fused (`fuse_projections`)."""
+    layer = dict(layer)
+    for fused_name, names in FUSED_GROUPS.items():
+        biases = [f"{name}.bias" for name in names if f"{name}.bias" in layer]
+        if not all(name in layer for name in names) or len(biases) not in (0, len(names)):
+            continue
+        layer[fused_name] = jnp.concatenate([layer.pop(name) for name in names], -1)  # [.., D, sum]
+        if biases:
+            layer[f"{fused_name}.bias"] = jnp.concatenate([layer.pop(b) for b in biases], -1)
+    return layer
 
 
 def platform_of(x: Any) -> str:
@@ -257,6 +300,35 @@ def _project(x: Array, layer: LayerDict, name: str, svf_layer: LayerAdaptation |
     return out if bias is None else out + bias
 
 
+def _project_group(
+    x: Array,
+    layer: LayerDict,
+    fused_name: str,
+    widths: Sequence[int],
+    svf_layer: LayerAdaptation | None,
+) -> list[Array]:
+    """`_project` of each member of group `fused_name` (`FUSED_GROUPS`, output widths `widths`).
+    Unfused layers project member by member. Fused ones run one matmul (+ bias) for the group and
+    split it, unless a member is adapted: then each member projects on its own, with its column
+    slice of the fused kernel (and bias) as its dense kernel."""
+    names = FUSED_GROUPS[fused_name]
+    if fused_name not in layer:
+        return [_project(x, layer, name, svf_layer) for name in names]
+    kernel, bias = layer[fused_name], layer.get(f"{fused_name}.bias")  # [D, sum], [sum]
+    ends = list(itertools.accumulate(widths))
+    if svf_layer is None or not any(name in svf_layer.targets for name in names):
+        out = ops.matmul(x, kernel)  # [B, T, sum(widths)]
+        out = out if bias is None else out + bias  # [B, T, sum(widths)]
+        return jnp.split(out, ends[:-1], axis=-1)  # [B, T, width] each
+    outs = []
+    for name, start, end in zip(names, [0, *ends[:-1]], ends, strict=True):
+        member = {name: kernel[:, start:end]}  # [D, width]
+        if bias is not None:
+            member[f"{name}.bias"] = bias[start:end]  # [width]
+        outs.append(_project(x, member, name, svf_layer))  # [B, T, width]
+    return outs
+
+
 def _decoder_layer(
     config: ModelConfig,
     x: Array,
@@ -274,9 +346,9 @@ def _decoder_layer(
     batch, length, _ = x.shape
     new_mask, cached_mask = masks
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)  # [B, T, D]
-    q = _project(h, layer, "self_attn.q_proj", svf_layer)  # [B, T, N*H]
-    k = _project(h, layer, "self_attn.k_proj", svf_layer)  # [B, T, K*H]
-    v = _project(h, layer, "self_attn.v_proj", svf_layer)  # [B, T, K*H]
+    kv_width = config.num_kv_heads * config.head_dim
+    widths = (config.num_heads * config.head_dim, kv_width, kv_width)  # N*H, K*H, K*H
+    q, k, v = _project_group(h, layer, "self_attn.qkv_proj", widths, svf_layer)  # [B, T, width]
     q = apply_rope(q.reshape(batch, length, config.num_heads, config.head_dim), positions, inv_freq)
     k = apply_rope(
         k.reshape(batch, length, config.num_kv_heads, config.head_dim), positions, inv_freq
@@ -296,8 +368,8 @@ def _decoder_layer(
     attn = grouped_attention(q, blocks)  # [B, T, N*H]
     x = x + _project(attn, layer, "self_attn.o_proj", svf_layer)  # [B, T, D]
     h = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)  # [B, T, D]
-    gate = _project(h, layer, "mlp.gate_proj", svf_layer)  # [B, T, F]
-    up = _project(h, layer, "mlp.up_proj", svf_layer)  # [B, T, F]
+    mlp_widths = (config.intermediate_size,) * 2
+    gate, up = _project_group(h, layer, "mlp.gate_up_proj", mlp_widths, svf_layer)  # [B, T, F] x2
     x = x + _project(jax.nn.silu(gate) * up, layer, "mlp.down_proj", svf_layer)  # [B, T, D]
     return x, layer_cache
 

@@ -164,7 +164,9 @@ class Sampler:
 
     Args:
         config: model architecture.
-        weights: model parameters (already placed/sharded as desired).
+        weights: model parameters (already placed/sharded as desired); the sampler runs them
+            with q|k|v and gate|up fused as `sampler_config.fuse_projections` says (on CPU by
+            default).
         tokenizer: a transformers tokenizer (for encoding strings and checking stop strings).
         eos_ids: every id that ends a sequence.
         sampler_config: bucket sizes.
@@ -185,7 +187,10 @@ class Sampler:
         if not eos_ids:
             raise ValueError("at least one end-of-sequence id is required")
         self.config = config
-        self.weights = weights
+        fuse = sampler_config.fuse_projections
+        if fuse is None:
+            fuse = model_lib.platform_of(weights.embed) == "cpu"
+        self.weights = model_lib.fuse_projections(weights) if fuse else weights
         self.tokenizer = tokenizer
         self.eos_ids = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
         self.sampler_config = sampler_config
