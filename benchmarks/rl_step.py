@@ -5,21 +5,24 @@ The training step of `t2jax.rl.trainer` in its phases, with the functions it run
 scorer (`score_rollouts`), the teacher-forced forward/backward (`rl.loss.compute_gradients`) and
 the optimizer update (`apply_gradients`). The rollouts and their scores do not depend on how the
 gradient applies W', so each step generates and scores one batch, then times the gradient of that
-same batch in every variant (merged / factored / auto SVF x remat off / on), interleaved, so load
-on a shared machine hits every variant alike. Merged is the official code's way (and t2jax's
-default before "auto"), so the table shows each variant's whole update against it. One untimed
+same batch in every variant (merged / factored / auto SVF x remat off / on, and the output
+projection on every position or on the completions' tail), interleaved, so load on a shared
+machine hits every variant alike. The table shows each variant's whole update against t2jax's
+gradient before issue 17's RL work (merged, as the official code, with the lm_head on every
+position). One untimed
 warm-up step compiles everything; the figures are medians over `--steps` timed steps.
 
 The configuration is the `cpu` preset of `experiments/configs/svf.py` (batch 32, 128 new tokens,
 microbatches of 8), overridable with `--set KEY=VALUE`.
 
     python benchmarks/rl_step.py [--model smollm2-135m-instruct] [--task gsm8k] [--steps 3]
-        [--variants merged,auto]
+        [--variants "before: merged, lm_head on every position;auto"]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -36,15 +39,32 @@ from t2jax.rl.rollout import generate_rollouts, policy_batch, score_rollouts
 from t2jax.rl.setup import Setup, load_setup
 from t2jax.svf import core as svf_lib
 
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the gradient is computed: SVF mode, remat, and whether the output projection runs on
+    every position (as before `PolicyBatch.scored_tail`) or on the completions' tail only."""
+
+    mode: str
+    remat: bool = False
+    every_position: bool = False
+
+    def config(self, config: TrainConfig) -> TrainConfig:
+        """`config` with this variant's SVF mode and remat."""
+        return configuration.with_overrides(config, {"svf.mode": self.mode, "rl.remat": self.remat})
+
+
+BEFORE = "before: merged, lm_head on every position"  # t2jax before issue 17's RL work
 VARIANTS = {
-    "merged": {"svf.mode": "merged", "rl.remat": False},
-    "merged + remat": {"svf.mode": "merged", "rl.remat": True},
-    "factored": {"svf.mode": "factored", "rl.remat": False},
-    "factored + remat": {"svf.mode": "factored", "rl.remat": True},
-    "auto": {"svf.mode": "auto", "rl.remat": False},
-    "auto + remat": {"svf.mode": "auto", "rl.remat": True},
+    BEFORE: Variant("merged", every_position=True),
+    "merged": Variant("merged"),
+    "merged + remat": Variant("merged", remat=True),
+    "factored": Variant("factored"),
+    "factored + remat": Variant("factored", remat=True),
+    "auto, lm_head on every position": Variant("auto", every_position=True),
+    "auto": Variant("auto"),
+    "auto + remat": Variant("auto", remat=True),
 }
-BEFORE = "merged"
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -54,8 +74,11 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float
     return result, time.perf_counter() - start
 
 
-def gradient_step(setup: Setup, config: TrainConfig, state, batch, num_microbatches: int):
-    """The gradient and optimizer update of one batch under `config`'s SVF mode and remat."""
+def gradient_step(setup: Setup, variant: Variant, state, batch, num_microbatches: int):
+    """The gradient and optimizer update of one batch as `variant` computes it."""
+    config = variant.config(setup.config)
+    if variant.every_position:
+        batch = dataclasses.replace(batch, scored_tail=None)
     grads, _ = compute_gradients(
         setup.model.config,
         LossOptions.from_config(config.adapter, config.svf, config.rl),
@@ -74,7 +97,7 @@ def benchmark(setup: Setup, steps: int, names: list[str]) -> dict[str, list[floa
     config = setup.config
     params = setup.initial_params()
     z = svf_lib.z_of(params, config.svf.parametrization)
-    variants = {name: configuration.with_overrides(config, VARIANTS[name]) for name in names}
+    variants = {name: VARIANTS[name] for name in names}
     seconds: dict[str, list[float]] = {"rollout": [], "score": [], "batch": []}
     seconds.update({f"gradient: {name}": [] for name in variants})
     for step in range(steps + 1):
@@ -85,7 +108,7 @@ def benchmark(setup: Setup, steps: int, names: list[str]) -> dict[str, list[floa
         gradient_s = {}
         for name, variant in variants.items():
             # The update donates its state: every variant starts from its own copy of params.
-            state = init_state(jax.tree.map(jnp.copy, params), variant.rl)
+            state = init_state(jax.tree.map(jnp.copy, params), config.rl)
             _, gradient_s[name] = timed(gradient_step, setup, variant, state, batch, count)
         if step == 0:
             continue  # compilation
@@ -97,8 +120,9 @@ def benchmark(setup: Setup, steps: int, names: list[str]) -> dict[str, list[floa
 
 
 def report(seconds: dict[str, list[float]]) -> str:
-    """A Markdown table: median seconds per phase, its share of a merged-SVF update, and each
-    variant's whole update (rollout + score + batch + its gradient) against the merged one."""
+    """A Markdown table: median seconds per phase, its share of an update with the `BEFORE`
+    gradient, and each variant's whole update (rollout + score + batch + its gradient) against
+    that one."""
     median = {name: statistics.median(values) for name, values in seconds.items()}
     shared = median["rollout"] + median["score"] + median["batch"]
     gradients = {
@@ -107,7 +131,8 @@ def report(seconds: dict[str, list[float]]) -> str:
         if name.startswith("gradient: ")
     }
     before = shared + gradients.get(BEFORE, math.nan)
-    lines = [f"| phase | median s | share of a {BEFORE} update |", "|---|---:|---:|"]
+    lines = [f"| phase | median s | share of an update with the {BEFORE!r} gradient |"]
+    lines.append("|---|---:|---:|")
     for name, value in median.items():
         lines.append(f"| {name} | {value:.2f} | {100 * value / before:.0f}% |")
     for name, gradient in gradients.items():
@@ -123,11 +148,11 @@ def main() -> None:
     parser.add_argument("--task", default="gsm8k")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}"
+        "--variants", default=";".join(VARIANTS), help=f"';' list of {'; '.join(VARIANTS)}"
     )
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
     args = parser.parse_args()
-    names = args.variants.split(",")
+    names = args.variants.split(";")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")

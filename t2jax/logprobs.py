@@ -106,7 +106,9 @@ def token_log_probs(
     return _unchunked(picked), None if kl is None else _unchunked(kl)  # [B, T] each
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk", "remat", "kl_direction"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "chunk", "remat", "kl_direction", "scored_tail")
+)
 def teacher_forced_log_probs(
     config: ModelConfig,
     weights: model_lib.Weights,
@@ -118,6 +120,7 @@ def teacher_forced_log_probs(
     remat: bool = False,
     reference_svf: svf_lib.ModelSVF | None = None,
     kl_direction: str = "ref_policy",
+    scored_tail: int | None = None,
 ) -> tuple[Array, Array | None]:
     """Log-probability of every next token of a left-padded batch under (weights, svf): position
     t scores token t + 1 (the last position scores a pad id: mask it out).
@@ -133,10 +136,13 @@ def teacher_forced_log_probs(
         reference_svf: with it, also the KL to the model adapted by it (e.g. z = 1: the base
             model); its forward pass takes no gradient.
         kl_direction: see `kl_from_log_probs`.
+        scored_tail: score only the last W = `scored_tail` positions (a multiple of `chunk`, at
+            most T): the output projection, the largest matmul of small models, then skips the
+            prompt positions of right-aligned completions. None: every position.
 
     Returns:
-        ([N, T] fp32 log-probabilities of the next tokens, [N, T] fp32 KL summed over the
-        vocabulary or None without `reference_svf`).
+        ([N, W] fp32 log-probabilities of the next tokens, [N, W] fp32 KL summed over the
+        vocabulary or None without `reference_svf`), W = `scored_tail` or T.
     """
     positions = model_lib.positions_from_mask(token_mask)  # [N, T]
     hidden, _ = model_lib.forward(
@@ -148,4 +154,7 @@ def teacher_forced_log_probs(
             config, weights, tokens, positions, token_mask, svf=reference_svf
         )  # [N, T, D]
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [N, T]: the token each one predicts
+    if scored_tail is not None:
+        hidden, next_tokens = hidden[:, -scored_tail:], next_tokens[:, -scored_tail:]  # [N, W, .]
+        reference = None if reference is None else reference[:, -scored_tail:]  # [N, W, D]
     return token_log_probs(weights, hidden, next_tokens, chunk, reference, kl_direction)

@@ -121,6 +121,25 @@ def test_loss_is_minus_the_mean_of_reward_weighted_log_likelihoods(frozen):
     np.testing.assert_allclose(metrics["tokens"], np.mean([len(i) - p for i, p in sequences]))
 
 
+def test_scoring_only_the_completion_tail_keeps_loss_and_gradient(frozen):
+    """The output projection runs on the last `scored_tail` positions only; scoring every
+    position gives the same loss and gradient."""
+    params = _params(frozen[1])
+    rng = np.random.default_rng(3)
+    lengths = [(20, 3), (14, 5), (9, 1)]  # (prompt, completion): long prompts, short answers
+    sequences = [(rng.integers(0, CONFIG.vocab_size, p + c).tolist(), p) for p, c in lengths]
+    host = rl_batch.assemble_batch(sequences, np.asarray([1.0, -1.0, 0.5]), chunk=4, rows=4)
+    batch = jax.tree.map(jnp.asarray, host)
+    assert (batch.scored_tail, batch.tokens.shape[1]) == (8, 24)  # prompt positions are skipped
+    rl = dataclasses.replace(RL, logprob_chunk=4)
+    grads, metrics = _gradients(frozen, params, batch, rl)
+    every = dataclasses.replace(batch, scored_tail=None)
+    all_grads, all_metrics = _gradients(frozen, params, every, rl)
+    np.testing.assert_allclose(metrics["loss"], all_metrics["loss"], rtol=1e-5)
+    for key in grads:
+        np.testing.assert_allclose(grads[key], all_grads[key], rtol=1e-4, atol=1e-7)
+
+
 def test_zero_rewards_give_a_zero_gradient(frozen):
     params = _params(frozen[1])
     zero_grads, _ = _gradients(frozen, params, _batch([0.0, 0.0, 0.0])[0])
@@ -268,6 +287,7 @@ def test_batch_layout_masks_only_completion_tokens():
     np.testing.assert_array_equal(batch.completion_mask[1], [0, 0, 0, 0, 0, 0, 0, 1])
     np.testing.assert_array_equal(batch.row_mask, [True, True, False, False])
     np.testing.assert_array_equal(batch.advantages, [1.0, -1.0, 0.0, 0.0])
+    assert batch.scored_tail == 4  # the longest completion (2) + the position before it, chunked
     lengths = [padding.chunked_length(n, 4) for n in (1, 4, 5, 9, 12, 13, 17, 25, 33, 49)]
     assert lengths == [4, 4, 8, 12, 12, 16, 24, 32, 48, 64]
     assert rl_batch.microbatch_layout(10, 3, 2) == (12, 3)  # microbatches of 4 rows

@@ -94,8 +94,11 @@ def assemble_batch(
     rows: int,
 ) -> PolicyBatch:
     """Left-pads (ids, prompt length) pairs into a host `PolicyBatch` of `rows` rows (extra rows
-    are padding with zero advantage)."""
+    are padding with zero advantage). Every completion ends its row, so the scored positions lie
+    in the last (longest completion + 1) positions: `scored_tail` is that, in whole chunks."""
     length = chunked_length(max(len(ids) for ids, _ in sequences), chunk)
+    longest_completion = max(len(ids) - prompt_length for ids, prompt_length in sequences)
+    scored_tail = min(chunked_length(longest_completion + 1, chunk), length)
     tokens, token_mask = left_pad([ids for ids, _ in sequences], length, rows)  # [rows, T] each
     completion_mask = np.zeros((rows, length), bool)
     for row, (ids, prompt_length) in enumerate(sequences):
@@ -103,7 +106,9 @@ def assemble_batch(
     padded_advantages = np.zeros(rows, np.float32)
     padded_advantages[: len(sequences)] = advantages
     row_mask = np.arange(rows) < len(sequences)
-    return PolicyBatch(tokens, token_mask, completion_mask, padded_advantages, row_mask)
+    return PolicyBatch(
+        tokens, token_mask, completion_mask, padded_advantages, row_mask, scored_tail
+    )
 
 
 def microbatch_layout(

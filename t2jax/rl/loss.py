@@ -53,6 +53,9 @@ class PolicyBatch:
     completion_mask: Array  # [N, T] bool: generated tokens whose log-probability is scored
     advantages: Array  # [N] fp32 (0 for padding rows)
     row_mask: Array  # [N] bool: real rows (False for rows padding the batch)
+    # The last `scored_tail` positions hold every scored one (completions end every row), so the
+    # output projection and log-softmax run on those only; None: on all T (static).
+    scored_tail: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -192,8 +195,10 @@ def microbatch_loss(
         remat=options.remat,
         reference_svf=reference_svf,
         kl_direction=options.kl_direction,
-    )  # [N, T] each: position t scores token t + 1
+        scored_tail=batch.scored_tail,
+    )  # [N, W] each (W = scored_tail or T): position t scores token t + 1
     scored = jnp.pad(batch.completion_mask[:, 1:], ((0, 0), (0, 1)))  # [N, T]
+    scored = scored[:, scored.shape[1] - token_log_probs.shape[1] :]  # [N, W]
     token_counts = jnp.sum(scored, axis=1)  # [N]
     log_likelihood = jnp.sum(jnp.where(scored, token_log_probs, 0.0), axis=1)  # [N]
     row_objective = log_likelihood
