@@ -230,10 +230,10 @@ class SamplerConfig:
     # once (`t2jax.prefill.prefill_shared`); 0 turns it off.
     min_shared_prefix: int = 32
     # Decode and prefill with q|k|v and gate|up each as one matmul (`model.fuse_projections`):
-    # fewer, larger ops per step. The sampler keeps its own fused copy of those kernels, so None
-    # (default) fuses on CPU only, where per-op overhead dominates small decode steps and memory
-    # is plentiful; on GPU / TPU the copy would cost HBM that `t2jax plan` does not count.
-    fuse_projections: bool | None = None
+    # fewer, larger ops per step, and a fused copy of those kernels held by the sampler (HBM that
+    # `t2jax plan` does not count). Off by default: measured on a 2-core CPU it gains 3-4% at
+    # batch 1 and loses 1-4% at batch 8-32 (README, benchmarks/decode_tunix.py).
+    fuse_projections: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,8 +165,7 @@ class Sampler:
     Args:
         config: model architecture.
         weights: model parameters (already placed/sharded as desired); the sampler runs them
-            with q|k|v and gate|up fused as `sampler_config.fuse_projections` says (on CPU by
-            default).
+            with q|k|v and gate|up fused when `sampler_config.fuse_projections` is on.
         tokenizer: a transformers tokenizer (for encoding strings and checking stop strings).
         eos_ids: every id that ends a sequence.
         sampler_config: bucket sizes.
@@ -188,8 +187,6 @@ class Sampler:
             raise ValueError("at least one end-of-sequence id is required")
         self.config = config
         fuse = sampler_config.fuse_projections
-        if fuse is None:
-            fuse = model_lib.platform_of(weights.embed) == "cpu"
         self.weights = model_lib.fuse_projections(weights) if fuse else weights
         self.tokenizer = tokenizer
         self.eos_ids = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
