@@ -21,6 +21,7 @@ from t2jax.svf import shipped
 # The aim of the shipped experts (issue 16): beat the base model on the task's own test split by
 # more than this many paired standard errors.
 AIM_STANDARD_ERRORS = 2.0
+OBJECTIVES = {"rl": "REINFORCE", "ntp": "next-token prediction on reference answers"}
 
 
 def card(run: pathlib.Path, name: str, command: str, machine: str, notes: str) -> dict:
@@ -74,7 +75,8 @@ def markdown(card: dict) -> str:
     lines = [
         f"# {card['name']} expert for {card['model']}",
         "",
-        f"SVF expert trained with REINFORCE on {card['task']} ({card['updates']} updates, best "
+        f"SVF expert trained with {OBJECTIVES[card['config']['rl'].get('objective', 'rl')]} on "
+        f"{card['task']} ({card['updates']} updates, best "
         f"validation accuracy after update {card['best_step']}).",
         "",
         "| split | N | base | expert | difference ± paired SE |",

@@ -220,13 +220,14 @@ class AdaptedModel:
         sequences = [list(p) + list(o) for p, o in zip(prompt_ids, output_ids, strict=True)]
         if not sequences:
             return np.zeros(0, np.float32)
-        length = bucket_length(max(map(len, sequences)), self.sampler.sampler_config.prompt_buckets)
         as_loaded = all(choices[c] is None for c in set(row_choice))
         table = None if as_loaded else self._choice_table([*choices, None])
         results = []
         for start in range(0, len(sequences), rows_per_call):
             chunk = sequences[start : start + rows_per_call]
             outputs = output_ids[start : start + rows_per_call]
+            buckets = self.sampler.sampler_config.prompt_buckets
+            length = bucket_length(max(map(len, chunk)), buckets)  # per call
             tokens, mask = left_pad(chunk, length, rows_per_call)  # [b, T] each
             target_mask = np.zeros_like(mask)
             for row, output in enumerate(outputs):

@@ -225,33 +225,40 @@ def reply_log_likelihood(model, z, prompt_ids, reply_ids) -> float:
     return float(sum(log_probs[start + i, token] for i, token in enumerate(reply_ids)))
 
 
+@pytest.mark.parametrize("method", ["likelihood", "calibrated"])
 @pytest.mark.parametrize("use_classifier", [False, True])
-def test_likelihood_dispatch_takes_the_most_likely_category_answer(setup, use_classifier):
+def test_likelihood_dispatch_takes_the_most_likely_category_answer(setup, use_classifier, method):
     _, model = setup
     questions = ["Sort a list in Python.", "What is 17 * 3?", "Why is the sky blue?"]
     dispatch = dispatch_lib.classify(
-        model, questions, use_classifier=use_classifier, method="likelihood", rows_per_call=5
+        model, questions, use_classifier=use_classifier, method=method, rows_per_call=5
     )
     labels = ("code", "math", "reasoning", "other")
     z = model.expert_z["cls"] if use_classifier else None
     tokenizer = model.adapted.tokenizer
-    expected = []
-    for question in questions:
+
+    def label_scores(question: str) -> np.ndarray:
         prompt = model.adapted.sampler.encode(
             [dispatch_lib.classification_prompt(tokenizer, question)]
         )[0]
-        scores = [
-            reply_log_likelihood(
-                model,
-                z,
-                prompt,
-                model.adapted.sampler.encode([f"Classification: \\boxed{{{label}}}"])[0],
-            )
-            for label in labels
-        ]
-        expected.append(labels[int(np.argmax(scores))])
+        return np.array(
+            [
+                reply_log_likelihood(
+                    model,
+                    z,
+                    prompt,
+                    model.adapted.sampler.encode([f"Classification: \\boxed{{{label}}}"])[0],
+                )
+                for label in labels
+            ]
+        )
+
+    prior = np.zeros(len(labels))
+    if method == "calibrated":  # contextual calibration: the mean over content-free questions
+        prior = np.mean([label_scores(q) for q in ("N/A", "", "[MASK]")], axis=0)
+    expected = [labels[int(np.argmax(label_scores(q) - prior))] for q in questions]
     assert dispatch.categories == tuple(expected)
-    assert dispatch.method == "likelihood"
+    assert dispatch.method == method
     assert dispatch.outputs == tuple(f"Classification: \\boxed{{{c}}}" for c in expected)
     assert {parse_category(text) for text in dispatch.outputs} <= set(labels)
 

@@ -83,7 +83,8 @@ class AdaptOptions:
         rows_per_call: rows per sampler call in pass 2 (None: the whole batch in one call).
         classify_max_new_tokens: pass-1 budget of the dispatch strategies.
         dispatch: how pass 1 reads the category: "generate" (official: generate and parse the
-            first `\\boxed{}`) or "likelihood" (the most likely of the four answers).
+            first `\\boxed{}`), "likelihood" (the most likely of the four answers) or
+            "calibrated" (that likelihood less its value after content-free questions).
         official_other: "other" runs with the last-loaded expert (the official bug).
         official_quirks: render the classification prompt with the official Llama-3 template.
         few_shot: settings of strategy "fewshot".

@@ -23,6 +23,7 @@ from t2jax.tasks.cls import (
     DispatchMethod,
 )
 
+DISPATCH_LABELS = (*CATEGORIES, OTHER)  # the likelihood dispatch's candidate replies
 # Which expertise each benchmark needs (rows of the dispatch confusion matrix, paper Fig. 6).
 CATEGORY_OF_TASK = {
     "math": "math",
@@ -33,15 +34,25 @@ CATEGORY_OF_TASK = {
     "arc_easy": "reasoning",
 }
 _CLS_TASK = ClsTask()
+# Questions without content whose replies' likelihoods estimate the model's prior over the labels
+# (contextual calibration, Zhao et al. 2021, "Calibrate Before Use").
+CONTENT_FREE_QUESTIONS = ("N/A", "", "[MASK]")
 
 
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
-    """Pass 1 of the dispatch strategies: the parsed category and raw answer per request."""
+    """Pass 1 of the dispatch strategies: the parsed category and raw answer per request.
+
+    The likelihood methods also keep what they decided on: `label_scores` [Q, 4], the
+    log-likelihood of each `DISPATCH_LABELS` answer before calibration, and ("calibrated")
+    `label_prior` [4], its mean over the `CONTENT_FREE_QUESTIONS`.
+    """
 
     categories: tuple[str, ...]
     outputs: tuple[str, ...]
     method: DispatchMethod = "generate"
+    label_scores: np.ndarray | None = None
+    label_prior: np.ndarray | None = None
 
 
 def classification_prompt(tokenizer: Any, question: str, official_quirks: bool = False) -> str:
@@ -67,6 +78,9 @@ def classify(
     math / reasoning / other (no `\\boxed{}` category: other). "likelihood": each of the four
     answers `CLASSIFICATION_ANSWER` is scored as the reply to the same prompt and the most likely
     one is taken (always a valid category; one batched teacher-forced pass, no generation).
+    "calibrated": the same, each answer's log-likelihood less its mean log-likelihood as the reply
+    to the `CONTENT_FREE_QUESTIONS` (a small model's preference for one label whatever the
+    question cancels out; three more prompts per call).
 
     Raises:
         AdaptError: no classification expert for `use_classifier`, or an unknown method.
@@ -79,8 +93,24 @@ def classify(
         classification_prompt(model.adapted.tokenizer, q, official_quirks) for q in questions
     ]
     first_pass_z = model.expert_z[CLASSIFIER] if use_classifier else None
-    if method == "likelihood":
-        return _classify_by_likelihood(model, prompts, first_pass_z, rows_per_call)
+    if method != "generate":
+        scores = _label_log_likelihoods(model, prompts, first_pass_z, rows_per_call)  # [Q, 4]
+        prior = None
+        if method == "calibrated":
+            content_free = [
+                classification_prompt(model.adapted.tokenizer, q, official_quirks)
+                for q in CONTENT_FREE_QUESTIONS
+            ]
+            prior = _label_log_likelihoods(model, content_free, first_pass_z, rows_per_call)
+            prior = prior.mean(axis=0)  # [4]
+        categories = most_likely_labels(scores, prior)
+        return Dispatch(
+            categories=categories,
+            outputs=tuple(CLASSIFICATION_ANSWER.format(c) for c in categories),
+            method=method,
+            label_scores=scores,
+            label_prior=prior,
+        )
     generation = model.adapted.generate(
         prompts,
         [first_pass_z],
@@ -93,31 +123,32 @@ def classify(
     return Dispatch(categories=categories, outputs=tuple(generation.texts))
 
 
-def _classify_by_likelihood(
+def most_likely_labels(scores: np.ndarray, prior: np.ndarray | None = None) -> tuple[str, ...]:
+    """The `DISPATCH_LABELS` entry of highest score per row of `scores` [Q, 4], less `prior` [4]
+    where given (the calibrated dispatch)."""
+    calibrated = scores if prior is None else scores - prior  # [Q, 4]
+    return tuple(DISPATCH_LABELS[i] for i in np.argmax(calibrated, axis=-1))
+
+
+def _label_log_likelihoods(
     model: ExpertModel,
     prompts: Sequence[str],
     z: svf_lib.ZVectors | None,
     rows_per_call: int | None,
-) -> Dispatch:
-    labels = (*CATEGORIES, OTHER)
-    answers = [CLASSIFICATION_ANSWER.format(label) for label in labels]
+) -> np.ndarray:
+    """[Q, 4] log-likelihood of each `DISPATCH_LABELS` answer as the reply to each prompt."""
+    answers = [CLASSIFICATION_ANSWER.format(label) for label in DISPATCH_LABELS]
     prompt_ids = model.adapted.sampler.encode(prompts)
     answer_ids = model.adapted.sampler.encode(answers)
     rows = [(p, a) for p in prompt_ids for a in answer_ids]  # question-major
-    scores = model.adapted.log_likelihood(
+    return model.adapted.log_likelihood(
         [p for p, _ in rows],
         [a for _, a in rows],
         [z],
         [0] * len(rows),
         rows_per_call=rows_per_call or 16,
         reduce="sum",
-    ).reshape(len(prompts), len(labels))  # [Q, 4]
-    best = np.argmax(scores, axis=-1)  # [Q]
-    return Dispatch(
-        categories=tuple(labels[i] for i in best),
-        outputs=tuple(answers[i] for i in best),
-        method="likelihood",
-    )
+    ).reshape(len(prompts), len(DISPATCH_LABELS))  # [Q, 4]
 
 
 def route(

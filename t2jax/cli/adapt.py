@@ -79,8 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dispatch",
         choices=DISPATCH_METHODS,
-        help="pass 1 of prompt/cls: generate and parse \\boxed{} (official, the default) or take "
-        "the most likely of the four category answers (always a valid category)",
+        help="pass 1 of prompt/cls: generate and parse \\boxed{} (official, the default), take "
+        "the most likely of the four category answers (likelihood; always a valid category), or "
+        "that likelihood less its value after content-free questions (calibrated)",
     )
     parser.add_argument("--rows-per-call", type=int, help="rows per sampler call (default: all)")
     parser.add_argument(

@@ -30,9 +30,10 @@ from t2jax.tasks.prompts import CLASSIFICATION_PROMPT
 CATEGORIES = ("code", "math", "reasoning")
 OTHER = "other"
 # How the dispatcher reads a category (t2jax.adaptation.dispatch.classify): the official
-# generate-and-parse, or the most likely of the four replies CLASSIFICATION_ANSWER asks for.
-DispatchMethod = Literal["generate", "likelihood"]
-DISPATCH_METHODS: tuple[str, ...] = ("generate", "likelihood")
+# generate-and-parse, the most likely of the four replies CLASSIFICATION_ANSWER asks for, or that
+# likelihood calibrated by the replies' likelihood after content-free questions.
+DispatchMethod = Literal["generate", "likelihood", "calibrated"]
+DISPATCH_METHODS: tuple[str, ...] = ("generate", "likelihood", "calibrated")
 CLASSIFICATION_ANSWER = "Classification: \\boxed{{{}}}"
 RECIPES = ("clean", "official")
 # The official loop breaks when its counter reaches 400, after taking 399 samples per source.
@@ -115,6 +116,11 @@ class ClsTask(Task):
             for label, examples in zip(("math", "code", "reasoning"), sources, strict=True)
             for sample in _labelled(label, examples, count)
         ]
+
+    def reference_completion(self, example: Example) -> str:
+        """The labelled answer the classification prompt asks for, e.g.
+        `Classification: \\boxed{math}` (the target of next-token training)."""
+        return CLASSIFICATION_ANSWER.format(example.answer)
 
     def score(self, example: Example, completion: str) -> Score:
         """Correct iff the first boxed content equals the label exactly."""

@@ -287,7 +287,7 @@ def test_cls_scoring():
     assert (score.correct, score.extracted, reward_of(score)) == (False, "math", -1.0)
 
 
-@pytest.mark.parametrize("name", ["gsm8k", "arc_easy", "mbpp"])
+@pytest.mark.parametrize("name", ["gsm8k", "arc_easy", "mbpp", "cls"])
 def test_reference_completions_get_full_marks_from_the_official_scorer(name):
     """The next-token training targets (spec section 2.5) are answers the task's own scorer
     accepts: every one of the first 50 training items (MBPP: run in the sandbox)."""
