@@ -9,20 +9,25 @@ user message) for requests of MATH, HumanEval and ARC-Challenge, greedy, in the 
 prefills the tokens the rows share once (`t2jax.prefill.prefill_shared`, the default). Each
 configuration runs once untimed to compile, then `--repeats` timed runs interleaved with the
 other's; the median is printed with the speedup and how many rows produced identical tokens.
+`--experts builtin` adds the likelihood dispatch (`classify(method="likelihood")`: four label
+answers scored per request, 16 rows per call) in the same two configurations, with how many
+requests got the same category and the largest difference of a label's log-likelihood.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
 
 import jax
 
-from t2jax.adaptation.dispatch import classification_prompt
+from t2jax.adaptation.dispatch import classification_prompt, classify
+from t2jax.adaptation.expert_model import ExpertModel, build_expert_model, load_named_experts
 from t2jax.config import SamplerConfig
-from t2jax.loading import load_model
+from t2jax.loading import LoadedModel, load_model
 from t2jax.prefill import shared_prefix_length
 from t2jax.sampler import Sampler
 from t2jax.tasks import get_task
@@ -40,6 +45,51 @@ def timed(sampler: Sampler, prompts: list[str], max_new_tokens: int):
     return time.perf_counter() - start, generation
 
 
+def timed_likelihood(model: ExpertModel, questions: list[str]):
+    """(seconds, dispatch) of one likelihood first pass."""
+    start = time.perf_counter()
+    dispatch = classify(model, questions, method="likelihood", rows_per_call=16)
+    return time.perf_counter() - start, dispatch
+
+
+def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
+    """The likelihood dispatch's first pass, plain against shared prefix, per Table 3 task."""
+    plain_adapted = dataclasses.replace(
+        model.adapted, sampler_config=SamplerConfig(min_shared_prefix=0)
+    )
+    models = {"plain": dataclasses.replace(model, adapted=plain_adapted), "shared": model}
+    print("\nlikelihood dispatch (4 label answers per request, 16 rows per call)")
+    print("| task | requests | plain s | shared s | speedup | same category | max |d log-lik| |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    totals = {name: 0.0 for name in models}
+    for task_name, split in TABLE3_TASKS:
+        examples = get_task(task_name).load(split, data_dir=args.data_dir)[: args.requests]
+        questions = [e.question for e in examples]
+        times = {name: [] for name in models}
+        dispatches = {}
+        for expert_model in models.values():  # compile
+            timed_likelihood(expert_model, questions)
+        for _ in range(args.repeats):
+            for name, expert_model in models.items():
+                seconds, dispatches[name] = timed_likelihood(expert_model, questions)
+                times[name].append(seconds)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        for name in models:
+            totals[name] += median[name]
+        plain, shared = dispatches["plain"], dispatches["shared"]
+        same = sum(a == b for a, b in zip(plain.categories, shared.categories, strict=True))
+        gap = float(abs(plain.label_scores - shared.label_scores).max())
+        print(
+            f"| {task_name} | {len(questions)} | {median['plain']:.2f} | {median['shared']:.2f} "
+            f"| {median['plain'] / median['shared']:.2f}x | {same}/{len(questions)} "
+            f"| {gap:.3f} |"
+        )
+    print(
+        f"| all | | {totals['plain']:.2f} | {totals['shared']:.2f} "
+        f"| {totals['plain'] / totals['shared']:.2f}x | | |"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -47,14 +97,27 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--experts", default=None, help="NAME=PATH,... or builtin: adds the likelihood dispatch"
+    )
+    parser.add_argument("--skip-generate", action="store_true", help="only the likelihood table")
     args = parser.parse_args(argv)
     loaded = load_model(args.model, progress=False)
+    machine = platform.processor() or platform.machine()
+    print(f"{args.model}, {jax.devices()[0].platform}, {machine}")
+    if not args.skip_generate:
+        generate_table(loaded, args)
+    if args.experts:
+        experts, _ = load_named_experts(args.model, args.experts, None)
+        likelihood_table(build_expert_model(loaded, experts, progress=False), args)
+
+
+def generate_table(loaded: LoadedModel, args: argparse.Namespace) -> None:
+    """The official generate dispatch's first pass, plain against shared prefix, per task."""
     samplers = {
         "plain": Sampler.for_model(loaded, sampler_config=SamplerConfig(min_shared_prefix=0)),
         "shared": Sampler.for_model(loaded),
     }
-    machine = platform.processor() or platform.machine()
-    print(f"{args.model}, {jax.devices()[0].platform}, {machine}")
     print(
         "| task | requests | shared prefix | mean suffix | plain s | shared s | speedup "
         "| identical outputs |"

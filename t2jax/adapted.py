@@ -28,9 +28,10 @@ import numpy as np
 
 from t2jax import logprobs
 from t2jax import model as model_lib
+from t2jax import prefill as prefill_lib
 from t2jax.adapters import core as adapters
 from t2jax.adapters import weights as adapter_weights
-from t2jax.config import ModelConfig
+from t2jax.config import ModelConfig, SamplerConfig
 from t2jax.loading import LoadedModel
 from t2jax.padding import bucket_length, left_pad
 from t2jax.sampler import Generation, Sampler
@@ -53,10 +54,13 @@ class AdaptedModel:
             `load_model(..., skip=...)`: then only adapted calls work, e.g. with `base_z()`).
         factors: SVD factors of the targets (None: no SVF, e.g. to train a LoRA baseline; then
             only the weights as loaded and `ModelAdapters` choices work).
+        sampler_config: padding buckets, the shared-prefix minimum and the decode options of
+            every call (generation and teacher-forced scoring).
     """
 
     loaded: LoadedModel
     factors: svf_factors.ModelFactors | None
+    sampler_config: SamplerConfig = SamplerConfig()
 
     @property
     def config(self) -> ModelConfig:
@@ -86,7 +90,7 @@ class AdaptedModel:
     @functools.cached_property
     def sampler(self) -> Sampler:
         """A sampler over the weights as loaded (its padding and sharding serve every call)."""
-        return Sampler.for_model(self.loaded)
+        return Sampler.for_model(self.loaded, sampler_config=self.sampler_config)
 
     def base_z(self) -> svf_lib.ZVectors:
         """z = 1 for every target {key: [L, R]} fp32: W'(1) = W, the base model."""
@@ -109,7 +113,7 @@ class AdaptedModel:
         """A sampler over the adapter `choice` merged into the weights (None: as loaded)."""
         if choice is None:
             return self.sampler
-        return Sampler.for_model(self.loaded, self.merged_weights(choice))
+        return Sampler.for_model(self.loaded, self.merged_weights(choice), self.sampler_config)
 
     def _choice_table(self, choices: Sequence[Choice]) -> dict[str, Array]:
         """{key: [C, L, R]}: the choices' z stacked, the weights as loaded (None) as z = 1.
@@ -224,22 +228,75 @@ class AdaptedModel:
         table = None if as_loaded else self._choice_table([*choices, None])
         results = []
         for start in range(0, len(sequences), rows_per_call):
-            chunk = sequences[start : start + rows_per_call]
-            outputs = output_ids[start : start + rows_per_call]
-            buckets = self.sampler.sampler_config.prompt_buckets
-            length = bucket_length(max(map(len, chunk)), buckets)  # per call
-            tokens, mask = left_pad(chunk, length, rows_per_call)  # [b, T] each
-            target_mask = np.zeros_like(mask)
-            for row, output in enumerate(outputs):
-                target_mask[row, length - len(output) :] = len(output) > 0
-            choice = list(row_choice[start : start + rows_per_call])
-            choice += [len(choices)] * (rows_per_call - len(choice))  # padding rows: as loaded
+            rows = slice(start, start + rows_per_call)
+            choice = list(row_choice[rows])
+            shared = 0
+            if len(set(choice)) == 1 and self.config.sliding_window is None:
+                shared = prefill_lib.shared_prefix_length(
+                    [list(p) for p in prompt_ids[rows]],
+                    self.sampler.sampler_config.min_shared_prefix,
+                )
+            # Padding rows take the call's one choice (shared prefix) or the weights as loaded.
+            choice += [choice[0] if shared else len(choices)] * (rows_per_call - len(choice))
             svf = None if as_loaded else self._per_row_svf(table, choice)
-            scores = _output_log_prob(
-                self.config, self.weights, svf, tokens, mask, target_mask, reduce == "mean"
-            )  # [b]
-            results.append(np.asarray(scores)[: len(chunk)])
+            scores = self._output_log_prob(
+                sequences[rows], output_ids[rows], svf, rows_per_call, shared, reduce == "mean"
+            )  # [rows_per_call]
+            results.append(scores[: len(sequences[rows])])
         return np.concatenate(results)
+
+    def _output_log_prob(
+        self,
+        sequences: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int]],
+        svf: svf_lib.ModelSVF | None,
+        batch: int,
+        shared: int,
+        mean: bool,
+    ) -> np.ndarray:
+        """One teacher-forced call of `log_likelihood` over rows (prompt + output) `sequences`,
+        padded to `batch` rows: with `shared` > 0 their first `shared` tokens run once
+        (`prefill.broadcast_prefix`). Only the last positions, those that predict the outputs, go
+        through the lm_head."""
+        buckets = self.sampler.sampler_config.prompt_buckets
+        if shared:
+            prefix, prefix_mask, tokens, mask = prefill_lib.split_at_prefix(
+                sequences, shared, batch, buckets
+            )
+        else:
+            tokens, mask = left_pad(
+                sequences, bucket_length(max(map(len, sequences)), buckets), batch
+            )  # [b, T] each
+        length = tokens.shape[1]
+        target_mask = np.zeros_like(mask)
+        for row, output in enumerate(outputs):
+            target_mask[row, length - len(output) :] = len(output) > 0
+        longest = max(map(len, outputs))
+        tail = min(length, -(-(longest + 1) // 16) * 16)  # positions that predict outputs
+        if not shared:
+            return np.asarray(
+                _output_log_prob(
+                    self.config, self.weights, svf, tokens, mask, target_mask, mean, tail
+                )
+            )
+        prefix_svf = None if svf is None else svf_lib.take_expert_rows(svf, jnp.zeros(1, jnp.int32))
+        return np.asarray(
+            _output_log_prob_after_prefix(
+                self.config,
+                self.weights,
+                prefix_svf,
+                svf,
+                prefix,
+                prefix_mask,
+                self.sampler.new_cache(1, prefix.shape[1], sharded=False),
+                self.sampler.new_cache(batch, prefix.shape[1] + length, sharded=False),
+                tokens,
+                mask,
+                target_mask,
+                mean,
+                tail,
+            )
+        )
 
 
 def adapted_model(
@@ -266,7 +323,7 @@ def concatenate(generations: Sequence[Generation]) -> Generation:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mean"))
+@functools.partial(jax.jit, static_argnames=("config", "mean", "tail"))
 def _output_log_prob(
     config: ModelConfig,
     weights: model_lib.Weights,
@@ -275,13 +332,52 @@ def _output_log_prob(
     mask: Array,
     target_mask: Array,
     mean: bool,
+    tail: int,
 ) -> Array:
-    """Summed (or mean) log-probability of the tokens marked by `target_mask` [B, T] given what
-    precedes them; 0 for rows without targets. Logits are formed 64 positions at a time."""
-    chunk = math.gcd(tokens.shape[1], 64)
+    """Summed (or mean) log-probability [B] of the tokens marked by `target_mask` [B, T] given
+    what precedes them; 0 for rows without targets. Only the last `tail` positions (which must
+    hold every target's predecessor) go through the lm_head, 64 positions at a time."""
+    chunk = math.gcd(tail, 64)
     token_log_probs, _ = logprobs.teacher_forced_log_probs(
-        config, weights, svf, tokens, mask, chunk
-    )  # [B, T]: position t scores token t + 1
-    scored = jnp.pad(target_mask[:, 1:], ((0, 0), (0, 1)))  # [B, T]
+        config, weights, svf, tokens, mask, chunk, scored_tail=tail
+    )  # [B, W]: position t scores token t + 1
+    return _reduce_targets(token_log_probs, target_mask, mean)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mean", "tail"))
+def _output_log_prob_after_prefix(
+    config: ModelConfig,
+    weights: model_lib.Weights,
+    prefix_svf: svf_lib.ModelSVF | None,
+    svf: svf_lib.ModelSVF | None,
+    prefix: Array,
+    prefix_mask: Array,
+    prefix_cache: model_lib.KVCache,
+    cache: model_lib.KVCache,
+    tokens: Array,
+    mask: Array,
+    target_mask: Array,
+    mean: bool,
+    tail: int,
+) -> Array:
+    """`_output_log_prob` of rows = shared prefix [1, Q] + own suffix `tokens` [B, S]: the prefix
+    runs once (`prefill.broadcast_prefix`, into caches of Q and Q + S slots) and the suffixes
+    attend to it; `target_mask` [B, S] marks targets within the suffixes."""
+    cache, positions = prefill_lib.broadcast_prefix(
+        config, weights, prefix, prefix_mask, prefix_cache, cache, mask, prefix_svf
+    )  # positions: [B, S]
+    hidden, _ = model_lib.forward(config, weights, tokens, positions, mask, cache, svf)  # [B, S, D]
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [B, S]: the token each one predicts
+    token_log_probs, _ = logprobs.token_log_probs(
+        weights, hidden[:, -tail:], next_tokens[:, -tail:], math.gcd(tail, 64)
+    )  # [B, W]
+    return _reduce_targets(token_log_probs, target_mask, mean)
+
+
+def _reduce_targets(token_log_probs: Array, target_mask: Array, mean: bool) -> Array:
+    """Sum (or mean) over each row's targets [B, T] of the log-probabilities [B, W] of the last W
+    positions' next tokens (position t scores token t + 1)."""
+    width = token_log_probs.shape[1]
+    scored = jnp.pad(target_mask[:, 1:], ((0, 0), (0, 1)))[:, -width:]  # [B, W]
     total = jnp.sum(jnp.where(scored, token_log_probs, 0.0), axis=-1)  # [B]
     return total / jnp.maximum(jnp.sum(scored, axis=-1), 1) if mean else total  # [B]

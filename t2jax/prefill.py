@@ -17,10 +17,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t2jax import model as model_lib
 from t2jax import parallel
 from t2jax.config import ModelConfig
+from t2jax.padding import bucket_length, left_pad
 from t2jax.svf.core import ModelSVF
 
 Array = jax.Array
@@ -155,6 +157,18 @@ def shared_prefix_length(token_lists: Sequence[Sequence[int]], minimum: int) -> 
     return length if length >= minimum else 0
 
 
+def split_at_prefix(
+    token_lists: Sequence[Sequence[int]], shared: int, rows: int, buckets: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The host side of a shared-prefix pass: the first `shared` tokens of the first list as the
+    prefix [1, Q] and every list's remaining tokens as the suffixes [rows, S], each left-padded to
+    its bucket, with masks: (prefix, prefix_mask, suffixes, suffix_mask)."""
+    prefix, prefix_mask = left_pad([token_lists[0][:shared]], bucket_length(shared, buckets), 1)
+    suffixes = [tokens[shared:] for tokens in token_lists]
+    suffix_length = bucket_length(max(map(len, suffixes)), buckets)
+    return (prefix, prefix_mask, *left_pad(suffixes, suffix_length, rows))
+
+
 @jit_over_cache(donate="cache")
 def prefill_shared(
     config: ModelConfig,
@@ -171,12 +185,44 @@ def prefill_shared(
     eos_ids: Array,
 ) -> DecodeState:
     """`prefill` of prompts = shared prefix + own suffix: the prefix [1, Q] (left-padded) runs
-    once into `prefix_cache` (1 row, Q slots), is broadcast into slots [0, Q) of every row of
-    `cache` ([B] rows, Q + S + N slots), and the suffixes [B, S] (left-padded) are prefilled
-    after it. One weight set for every row (no per-row experts)."""
+    once (`broadcast_prefix`) and the suffixes [B, S] (left-padded) are prefilled after it into
+    `cache` ([B] rows, Q + S + N slots). One weight set for every row (no per-row experts)."""
+    cache, positions = broadcast_prefix(
+        config, weights, prefix, prefix_mask, prefix_cache, cache, suffix_mask
+    )  # positions: [B, S]
+    hidden, cache = model_lib.forward(
+        config, weights, suffixes, positions, suffix_mask, cache
+    )  # [B, S, D]
+    out_length = cache.valid.shape[1] - prefix.shape[1] - suffixes.shape[1]
+    return first_state(
+        weights, hidden, positions, suffix_mask, cache, out_length, key, temperature, top_p, eos_ids
+    )
+
+
+def broadcast_prefix(
+    config: ModelConfig,
+    weights: model_lib.Weights,
+    prefix: Array,
+    prefix_mask: Array,
+    prefix_cache: model_lib.KVCache,
+    cache: model_lib.KVCache,
+    suffix_mask: Array,
+    prefix_svf: ModelSVF | None = None,
+) -> tuple[model_lib.KVCache, Array]:
+    """The shared prefix [1, Q] (left-padded) run once, under `prefix_svf`, into `prefix_cache`
+    (1 row, Q slots) and its keys and values written into slots [0, Q) of every row of `cache`
+    ([B] rows), whose index then points after them; with the RoPE positions [B, S] of the rows'
+    own suffixes (left-padded, `suffix_mask` [B, S]) that follow the prefix."""
     prefix_positions = model_lib.positions_from_mask(prefix_mask)  # [1, Q]
     _, prefix_cache = model_lib.forward(
-        config, weights, prefix, prefix_positions, prefix_mask, prefix_cache, empty_cache=True
+        config,
+        weights,
+        prefix,
+        prefix_positions,
+        prefix_mask,
+        prefix_cache,
+        prefix_svf,
+        empty_cache=True,
     )
     width = prefix.shape[1]
 
@@ -186,7 +232,7 @@ def prefill_shared(
         rows = jnp.broadcast_to(shared, (*slots.shape[:-2], width, slots.shape[-1]))
         return jax.lax.dynamic_update_slice_in_dim(slots, rows.astype(slots.dtype), 0, axis=-2)
 
-    rows = suffixes.shape[0]
+    rows = suffix_mask.shape[0]
     cache = model_lib.KVCache(
         k=jax.tree.map(broadcast_into, cache.k, prefix_cache.k),
         v=jax.tree.map(broadcast_into, cache.v, prefix_cache.v),
@@ -194,14 +240,7 @@ def prefill_shared(
         index=jnp.asarray(width, jnp.int32),
     )
     prefix_length = jnp.sum(prefix_mask).astype(jnp.int32)
-    positions = prefix_length + model_lib.positions_from_mask(suffix_mask)  # [B, S]
-    hidden, cache = model_lib.forward(
-        config, weights, suffixes, positions, suffix_mask, cache
-    )  # [B, S, D]
-    out_length = cache.valid.shape[1] - width - suffixes.shape[1]
-    return first_state(
-        weights, hidden, positions, suffix_mask, cache, out_length, key, temperature, top_p, eos_ids
-    )
+    return cache, prefix_length + model_lib.positions_from_mask(suffix_mask)  # [B, S]
 
 
 def first_state(

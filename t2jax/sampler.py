@@ -33,6 +33,7 @@ from t2jax.prefill import (
     prefill_shared,
     sample_token,
     shared_prefix_length,
+    split_at_prefix,
 )
 from t2jax.svf.core import ModelSVF, pad_expert_rows, take_expert_rows
 
@@ -269,7 +270,7 @@ class Sampler:
         else:
             length = bucket_length(max(map(len, token_lists)), self.sampler_config.prompt_buckets)
             ids, mask = left_pad(token_lists, length, rows)
-            cache = self._empty_cache(rows, length + new_tokens_bucket(max_new_tokens))
+            cache = self.new_cache(rows, length + new_tokens_bucket(max_new_tokens))
             ids, mask = self._place(ids), self._place(mask)
             state = prefill(self.config, self.weights, svf, ids, mask, cache, *sampling)
         compact = self.sampler_config.compact_rows
@@ -302,7 +303,7 @@ class Sampler:
         outputs.store(state, stopped)
         return self._finish(outputs, len(token_lists), stop_strings)
 
-    def _empty_cache(self, rows: int, length: int, sharded: bool = True) -> model_lib.KVCache:
+    def new_cache(self, rows: int, length: int, sharded: bool = True) -> model_lib.KVCache:
         """An empty cache of `length` slots per row, sharded like the batch (or not)."""
         return empty_cache(
             self.config,
@@ -322,14 +323,11 @@ class Sampler:
         sampling: tuple[Array, ...],
     ) -> DecodeState:
         """`prefill_shared` of prompts whose first `shared` tokens are the same."""
-        buckets = self.sampler_config.prompt_buckets
-        prefix_length = bucket_length(shared, buckets)
-        prefix, prefix_mask = left_pad([token_lists[0][:shared]], prefix_length, 1)
-        suffixes = [tokens[shared:] for tokens in token_lists]
-        suffix_length = bucket_length(max(map(len, suffixes)), buckets)
-        ids, mask = left_pad(suffixes, suffix_length, rows)
-        prefix_cache = self._empty_cache(1, prefix_length, sharded=False)
-        slots = prefix_length + suffix_length + new_tokens_bucket(max_new_tokens)
+        prefix, prefix_mask, ids, mask = split_at_prefix(
+            token_lists, shared, rows, self.sampler_config.prompt_buckets
+        )
+        prefix_cache = self.new_cache(1, prefix.shape[1], sharded=False)
+        slots = prefix.shape[1] + ids.shape[1] + new_tokens_bucket(max_new_tokens)
         return prefill_shared(
             self.config,
             self.weights,
@@ -338,7 +336,7 @@ class Sampler:
             self._place(ids),
             self._place(mask),
             prefix_cache,
-            self._empty_cache(rows, slots),
+            self.new_cache(rows, slots),
             *sampling,
         )
 

@@ -225,6 +225,35 @@ def reply_log_likelihood(model, z, prompt_ids, reply_ids) -> float:
     return float(sum(log_probs[start + i, token] for i, token in enumerate(reply_ids)))
 
 
+@pytest.mark.parametrize("expert", [None, "code"])
+def test_log_likelihood_runs_a_shared_prompt_prefix_once(setup, monkeypatch, expert):
+    """Rows of one call under one weight set whose prompts share >= min_shared_prefix tokens run
+    the prefix once (the likelihood dispatch's classification prompt); the scores equal
+    unpadded full forward passes. The last call holds one row: no prefix to share."""
+    from t2jax import adapted as adapted_lib
+
+    _, model = setup
+    prefix = list(range(3, 43))  # 40 tokens, above the default minimum of 32
+    prompts = [prefix + [50, 51], prefix + [60]]
+    replies = [[70, 71, 72], [73]]
+    rows = [(p, r) for p in prompts for r in replies]  # 4 rows, question-major
+    calls = []
+    after_prefix = adapted_lib._output_log_prob_after_prefix
+
+    def counting(config, weights, prefix_svf, svf, prefix_ids, *args):
+        calls.append(prefix_ids.shape)
+        return after_prefix(config, weights, prefix_svf, svf, prefix_ids, *args)
+
+    monkeypatch.setattr(adapted_lib, "_output_log_prob_after_prefix", counting)
+    z = None if expert is None else model.expert_z[expert]
+    got = model.adapted.log_likelihood(
+        [p for p, _ in rows], [r for _, r in rows], [z], [0] * 4, rows_per_call=3, reduce="sum"
+    )
+    assert calls == [(1, 64)]  # the 40-token prefix, in its bucket, once for the first call
+    expected = [reply_log_likelihood(model, z, p, r) for p, r in rows]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["likelihood", "calibrated"])
 @pytest.mark.parametrize("use_classifier", [False, True])
 def test_likelihood_dispatch_takes_the_most_likely_category_answer(setup, use_classifier, method):
