@@ -234,7 +234,7 @@ def test_log_likelihood_runs_a_shared_prompt_prefix_once(setup, monkeypatch, exp
 
     _, model = setup
     prefix = list(range(3, 43))  # 40 tokens, above the default minimum of 32
-    prompts = [prefix + [50, 51], prefix + [60]]
+    prompts = [[*prefix, 50, 51], [*prefix, 60]]
     replies = [[70, 71, 72], [73]]
     rows = [(p, r) for p in prompts for r in replies]  # 4 rows, question-major
     calls = []
