@@ -182,10 +182,16 @@ def test_lora_policy_gradient_learns_the_synthetic_task(model_dir, tmp_path):
 def test_next_token_training_needs_reference_solutions(model_dir, tmp_path):
     config = configuration.resolve_config(
         rl_config.TrainConfig,
-        f"{REPO}/experiments/configs/svf.py:task=cls",
-        {**_overrides(model_dir, tmp_path / "cls"), "rl.objective": "ntp"},
+        f"{REPO}/experiments/configs/svf.py:task=math",
+        {
+            **_overrides(model_dir, tmp_path / "math"),
+            "rl.objective": "ntp",
+            "task.train_split": "test",
+            "task.valid_split": "math500",
+            "task.test_split": None,
+        },
     )
-    with pytest.raises(ConfigError, match="cls has no reference solutions"):
+    with pytest.raises(ConfigError, match="math has no reference solutions"):
         trainer.train(config)
 
 
