@@ -206,14 +206,16 @@ def _latest_checkpoint(workdir: pathlib.Path) -> int:
 def _kill_after_checkpoint(command, env, workdir, step, timeout=240.0):
     """Starts `command`, SIGKILLs it as soon as checkpoint `step` is on disk; returns the step
     the run had reached."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = workdir.parent / f"{workdir.name}.stderr"  # a file: a full pipe would block the run
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + timeout
     try:
         while _latest_checkpoint(workdir) < step:
             if process.poll() is not None:
-                pytest.fail(f"training exited early: {process.stderr.read().decode()[-3000:]}")
+                pytest.fail(f"training exited early: {log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("no checkpoint in time")
+                pytest.fail(f"no checkpoint in time: {log.read_text()[-3000:]}")
             time.sleep(0.02)
         os.kill(process.pid, signal.SIGKILL)
     finally:
