@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -36,20 +39,18 @@ from t2jax.tasks.cls import ClsTask
 TABLE3_TASKS = (("math", "math500"), ("humaneval", "test"), ("arc_challenge", "test"))
 
 
-def timed(sampler: Sampler, prompts: list[str], max_new_tokens: int):
-    """(seconds, generation) of one greedy first pass."""
-    start = time.perf_counter()
-    generation = sampler.generate(
-        prompts, max_new_tokens=max_new_tokens, stop_strings=ClsTask().stop_strings
-    )
-    return time.perf_counter() - start, generation
-
-
-def timed_likelihood(model: ExpertModel, questions: list[str]):
-    """(seconds, dispatch) of one likelihood first pass."""
-    start = time.perf_counter()
-    dispatch = classify(model, questions, method="likelihood", rows_per_call=16)
-    return time.perf_counter() - start, dispatch
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict, dict]:
+    """Each run once untimed (compilation), then `repeats` timed rounds, the runs interleaved in
+    each: ({name: median seconds}, {name: the last result})."""
+    for run in runs.values():
+        run()
+    times, results = {name: [] for name in runs}, {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}, results
 
 
 def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
@@ -65,15 +66,15 @@ def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
     for task_name, split in TABLE3_TASKS:
         examples = get_task(task_name).load(split, data_dir=args.data_dir)[: args.requests]
         questions = [e.question for e in examples]
-        times = {name: [] for name in models}
-        dispatches = {}
-        for expert_model in models.values():  # compile
-            timed_likelihood(expert_model, questions)
-        for _ in range(args.repeats):
-            for name, expert_model in models.items():
-                seconds, dispatches[name] = timed_likelihood(expert_model, questions)
-                times[name].append(seconds)
-        median = {name: statistics.median(values) for name, values in times.items()}
+        median, dispatches = interleaved(
+            {
+                name: functools.partial(
+                    classify, m, questions, method="likelihood", rows_per_call=16
+                )
+                for name, m in models.items()
+            },
+            args.repeats,
+        )
         for name in models:
             totals[name] += median[name]
         plain, shared = dispatches["plain"], dispatches["shared"]
@@ -131,15 +132,18 @@ def generate_table(loaded: LoadedModel, args: argparse.Namespace) -> None:
         ids = samplers["plain"].encode(prompts)
         shared = shared_prefix_length(ids, SamplerConfig().min_shared_prefix)
         suffix = sum(len(i) - shared for i in ids) / len(ids)
-        times = {name: [] for name in samplers}
-        outputs = {}
-        for sampler in samplers.values():  # compile
-            timed(sampler, prompts, args.max_new_tokens)
-        for _ in range(args.repeats):
-            for name, sampler in samplers.items():
-                seconds, outputs[name] = timed(sampler, prompts, args.max_new_tokens)
-                times[name].append(seconds)
-        median = {name: statistics.median(values) for name, values in times.items()}
+        median, outputs = interleaved(
+            {
+                name: functools.partial(
+                    sampler.generate,
+                    prompts,
+                    max_new_tokens=args.max_new_tokens,
+                    stop_strings=ClsTask().stop_strings,
+                )
+                for name, sampler in samplers.items()
+            },
+            args.repeats,
+        )
         for name in samplers:
             totals[name] += median[name]
         same = sum(

@@ -233,11 +233,9 @@ class AdaptedModel:
             shared = 0
             if len(set(choice)) == 1 and self.config.sliding_window is None:
                 shared = prefill_lib.shared_prefix_length(
-                    [list(p) for p in prompt_ids[rows]],
-                    self.sampler.sampler_config.min_shared_prefix,
+                    prompt_ids[rows], self.sampler.sampler_config.min_shared_prefix
                 )
-            # Padding rows take the call's one choice (shared prefix) or the weights as loaded.
-            choice += [choice[0] if shared else len(choices)] * (rows_per_call - len(choice))
+            choice += [len(choices)] * (rows_per_call - len(choice))  # padding rows: as loaded
             svf = None if as_loaded else self._per_row_svf(table, choice)
             scores = self._output_log_prob(
                 sequences[rows], output_ids[rows], svf, rows_per_call, shared, reduce == "mean"
@@ -259,9 +257,17 @@ class AdaptedModel:
         (`prefill.broadcast_prefix`). Only the last positions, those that predict the outputs, go
         through the lm_head."""
         buckets = self.sampler.sampler_config.prompt_buckets
+        prefix = None
         if shared:
-            prefix, prefix_mask, tokens, mask = prefill_lib.split_at_prefix(
+            prefix_ids, prefix_mask, tokens, mask = prefill_lib.split_at_prefix(
                 sequences, shared, batch, buckets
+            )
+            width = prefix_ids.shape[1]
+            prefix = SharedPrefix(
+                prefix_ids,
+                prefix_mask,
+                self.sampler.new_cache(1, width, sharded=False),
+                self.sampler.new_cache(batch, width + tokens.shape[1], sharded=False),
             )
         else:
             tokens, mask = left_pad(
@@ -273,28 +279,9 @@ class AdaptedModel:
             target_mask[row, length - len(output) :] = len(output) > 0
         longest = max(map(len, outputs))
         tail = min(length, -(-(longest + 1) // 16) * 16)  # positions that predict outputs
-        if not shared:
-            return np.asarray(
-                _output_log_prob(
-                    self.config, self.weights, svf, tokens, mask, target_mask, mean, tail
-                )
-            )
-        prefix_svf = None if svf is None else svf_lib.take_expert_rows(svf, jnp.zeros(1, jnp.int32))
         return np.asarray(
-            _output_log_prob_after_prefix(
-                self.config,
-                self.weights,
-                prefix_svf,
-                svf,
-                prefix,
-                prefix_mask,
-                self.sampler.new_cache(1, prefix.shape[1], sharded=False),
-                self.sampler.new_cache(batch, prefix.shape[1] + length, sharded=False),
-                tokens,
-                mask,
-                target_mask,
-                mean,
-                tail,
+            _output_log_prob(
+                self.config, self.weights, svf, tokens, mask, target_mask, mean, tail, prefix
             )
         )
 
@@ -323,6 +310,19 @@ def concatenate(generations: Sequence[Generation]) -> Generation:
     )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedPrefix:
+    """The tokens every row of a scoring call starts with (`prefill.broadcast_prefix`): ids and
+    mask [1, Q] (left-padded) and the empty caches they run into (1 row of Q slots; B rows of
+    Q + S slots)."""
+
+    ids: Array
+    mask: Array
+    prefix_cache: model_lib.KVCache
+    cache: model_lib.KVCache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "mean", "tail"))
 def _output_log_prob(
     config: ModelConfig,
@@ -333,41 +333,28 @@ def _output_log_prob(
     target_mask: Array,
     mean: bool,
     tail: int,
+    prefix: SharedPrefix | None = None,
 ) -> Array:
     """Summed (or mean) log-probability [B] of the tokens marked by `target_mask` [B, T] given
-    what precedes them; 0 for rows without targets. Only the last `tail` positions (which must
-    hold every target's predecessor) go through the lm_head, 64 positions at a time."""
-    chunk = math.gcd(tail, 64)
-    token_log_probs, _ = logprobs.teacher_forced_log_probs(
-        config, weights, svf, tokens, mask, chunk, scored_tail=tail
-    )  # [B, W]: position t scores token t + 1
-    return _reduce_targets(token_log_probs, target_mask, mean)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "mean", "tail"))
-def _output_log_prob_after_prefix(
-    config: ModelConfig,
-    weights: model_lib.Weights,
-    prefix_svf: svf_lib.ModelSVF | None,
-    svf: svf_lib.ModelSVF | None,
-    prefix: Array,
-    prefix_mask: Array,
-    prefix_cache: model_lib.KVCache,
-    cache: model_lib.KVCache,
-    tokens: Array,
-    mask: Array,
-    target_mask: Array,
-    mean: bool,
-    tail: int,
-) -> Array:
-    """`_output_log_prob` of rows = shared prefix [1, Q] + own suffix `tokens` [B, S]: the prefix
-    runs once (`prefill.broadcast_prefix`, into caches of Q and Q + S slots) and the suffixes
-    attend to it; `target_mask` [B, S] marks targets within the suffixes."""
-    cache, positions = prefill_lib.broadcast_prefix(
-        config, weights, prefix, prefix_mask, prefix_cache, cache, mask, prefix_svf
-    )  # positions: [B, S]
-    hidden, _ = model_lib.forward(config, weights, tokens, positions, mask, cache, svf)  # [B, S, D]
-    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [B, S]: the token each one predicts
+    what precedes them; 0 for rows without targets. With `prefix`, the rows are prefix + `tokens`:
+    the prefix runs once, under row 0's adaptation, and `tokens` attend to it. Only the last
+    `tail` positions (which must hold every target's predecessor) go through the lm_head, 64
+    positions at a time."""
+    cache, positions = None, model_lib.positions_from_mask(mask)  # [B, T]
+    if prefix is not None:
+        prefix_svf = None if svf is None else svf_lib.take_expert_rows(svf, jnp.zeros(1, jnp.int32))
+        cache, positions = prefill_lib.broadcast_prefix(
+            config,
+            weights,
+            prefix.ids,
+            prefix.mask,
+            prefix.prefix_cache,
+            prefix.cache,
+            mask,
+            prefix_svf,
+        )  # positions: [B, T]
+    hidden, _ = model_lib.forward(config, weights, tokens, positions, mask, cache, svf)  # [B, T, D]
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [B, T]: the token each one predicts
     token_log_probs, _ = logprobs.token_log_probs(
         weights, hidden[:, -tail:], next_tokens[:, -tail:], math.gcd(tail, 64)
     )  # [B, W]

@@ -238,13 +238,14 @@ def test_log_likelihood_runs_a_shared_prompt_prefix_once(setup, monkeypatch, exp
     replies = [[70, 71, 72], [73]]
     rows = [(p, r) for p in prompts for r in replies]  # 4 rows, question-major
     calls = []
-    after_prefix = adapted_lib._output_log_prob_after_prefix
+    output_log_prob = adapted_lib._output_log_prob
 
-    def counting(config, weights, prefix_svf, svf, prefix_ids, *args):
-        calls.append(prefix_ids.shape)
-        return after_prefix(config, weights, prefix_svf, svf, prefix_ids, *args)
+    def counting(*args):
+        if args[-1] is not None:  # the shared prefix
+            calls.append(args[-1].ids.shape)
+        return output_log_prob(*args)
 
-    monkeypatch.setattr(adapted_lib, "_output_log_prob_after_prefix", counting)
+    monkeypatch.setattr(adapted_lib, "_output_log_prob", counting)
     z = None if expert is None else model.expert_z[expert]
     got = model.adapted.log_likelihood(
         [p for p, _ in rows], [r for _, r in rows], [z], [0] * 4, rows_per_call=3, reduce="sum"
