@@ -14,7 +14,7 @@ import json
 import pathlib
 import shutil
 
-from t2jax.files import write_json_atomically, write_text_atomically
+from t2jax.files import write_atomically, write_json_atomically, write_text_atomically
 from t2jax.svf import experts as experts_lib
 from t2jax.svf import shipped
 
@@ -122,7 +122,10 @@ def main() -> None:
     experts_lib.load_expert(run / "best_expert.safetensors")  # a readable, valid expert file
     target = shipped.SHIPPED_DIR / shipped.model_key(result["model"])
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "best_expert.safetensors", target / f"{args.name}.safetensors")
+    write_atomically(
+        target / f"{args.name}.safetensors",
+        lambda part: shutil.copyfile(run / "best_expert.safetensors", part),
+    )
     write_json_atomically(target / f"{args.name}.json", result)
     write_text_atomically(target / f"{args.name}.md", markdown(result))
     print(markdown(result))
