@@ -283,7 +283,7 @@ plt.show()
 #
 # `t2jax.adapt` runs both passes for a whole batch: pass 1 classifies every request (likelihood
 # dispatch), pass 2 answers each with the expert of its category, or the base weights where no
-# expert fits (this model ships only a reasoning expert).
+# expert fits (this notebook loads only the shipped reasoning expert).
 
 # %%
 from t2jax.adaptation.config import AdaptOptions, FewShotConfig
@@ -309,7 +309,7 @@ print(reports.item_comparison({"base": base, "expert": tuned, "adapted": adapted
 #
 # The third strategy searches mixing coefficients alpha of the experts (z' = Σ alpha_k z_k) with
 # the cross-entropy method, scoring each candidate by its accuracy on a few solved examples
-# ("shots"), then answers with the best mixture. With one shipped expert the search tunes how
+# ("shots"), then answers with the best mixture. With one expert loaded the search tunes how
 # strongly to apply it, per matrix. One small generation here; the paper runs 50 generations of
 # 32 candidates on 10 shots.
 
