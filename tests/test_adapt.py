@@ -713,3 +713,19 @@ def test_builtin_experts_are_the_shipped_ones_of_the_model(setup, tmp_path, monk
     assert cli.main(argv) == 0
     record = json.loads((out / "samples.jsonl").read_text())
     assert record["category"] in ("code", "math", "reasoning", "other")
+
+
+def test_every_shipped_expert_loads_and_its_card_reports_the_test_against_base():
+    from t2jax.svf import experts as experts_lib
+    from t2jax.svf import shipped
+
+    found = shipped.shipped_experts()
+    assert {"math", "code", "reasoning", "cls"} <= {
+        e.name for e in found if e.model == "qwen2.5-coder-0.5b-instruct"
+    }
+    for expert in found:
+        experts_lib.load_expert(expert.path)  # a readable, valid expert file
+        test = expert.card["test"]
+        assert expert.card["model"] == expert.model and expert.card["name"] == expert.name
+        assert test["n"] >= 99 and 0 <= test["base_accuracy"] <= 1 and 0 <= test["accuracy"] <= 1
+        assert expert.path.with_suffix(".md").read_text().startswith(f"# {expert.name} expert")
