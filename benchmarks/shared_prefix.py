@@ -69,9 +69,9 @@ def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
         median, dispatches = interleaved(
             {
                 name: functools.partial(
-                    classify, m, questions, method="likelihood", rows_per_call=16
+                    classify, expert_model, questions, method="likelihood", rows_per_call=16
                 )
-                for name, m in models.items()
+                for name, expert_model in models.items()
             },
             args.repeats,
         )

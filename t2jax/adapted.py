@@ -340,8 +340,9 @@ def _output_log_prob(
     the prefix runs once, under row 0's adaptation, and `tokens` attend to it. Only the last
     `tail` positions (which must hold every target's predecessor) go through the lm_head, 64
     positions at a time."""
-    cache, positions = None, model_lib.positions_from_mask(mask)  # [B, T]
-    if prefix is not None:
+    if prefix is None:
+        cache, positions = None, model_lib.positions_from_mask(mask)  # positions: [B, T]
+    else:
         prefix_svf = None if svf is None else svf_lib.take_expert_rows(svf, jnp.zeros(1, jnp.int32))
         cache, positions = prefill_lib.broadcast_prefix(
             config,
