@@ -8,10 +8,11 @@ the official few-shot shots (seeds 27 / 16 / 38), the items the few-shot strateg
 Each cell is written to OUT/METHOD/TASK (samples.jsonl, summary.json) as soon as it finishes; a
 rerun with the same --out reuses finished cells (--restart recomputes them), and the tables and
 plots are built from those files (--report-only rebuilds them from whatever cells are done).
+Each strategy's cell also gives its paired difference from the base cell (same items).
 
-    nice -n 19 python experiments/adapt_table2.py --model smollm2-135m-instruct \\
-        --experts math=gsm8k.safetensors,code=mbpp.safetensors,reasoning=arc_easy.safetensors \\
-        --cls-expert cls.safetensors --limit 50 --out runs/table2
+    nice -n 19 python experiments/adapt_table2.py --model qwen2.5-coder-0.5b-instruct \\
+        --experts builtin --cls-expert builtin --prompt-dispatch calibrated --limit 100 \\
+        --out runs/table2
 """
 
 from __future__ import annotations
@@ -21,25 +22,41 @@ import dataclasses
 import json
 import pathlib
 
-from t2jax import reports
+from t2jax import evaluation, reports
 from t2jax.adaptation import pipeline as adapt
 from t2jax.adaptation.config import AdaptOptions, add_few_shot_arguments, few_shot_config
 from t2jax.adaptation.dispatch import dispatch_confusion
-from t2jax.adaptation.expert_model import ExpertModel, build_expert_model, parse_expert_paths
+from t2jax.adaptation.expert_model import (
+    ExpertModel,
+    build_expert_model,
+    expert_paths,
+    load_named_experts,
+)
 from t2jax.loading import load_model
-from t2jax.svf import experts as experts_lib
 from t2jax.tasks import get_task
+from t2jax.tasks.cls import DISPATCH_METHODS
 from t2jax.tasks.data import read_jsonl
 
-DISPATCH_METHODS = ("prompt", "cls")
+DISPATCH_STRATEGIES = ("prompt", "cls")
 
 
 def parse_args() -> argparse.Namespace:
     """The command line (the few-shot options are `t2jax adapt`'s)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--experts", required=True, help="math=PATH,code=PATH,reasoning=PATH")
-    parser.add_argument("--cls-expert", default=None, help="needed for the cls method")
+    parser.add_argument(
+        "--experts", required=True, help="math=PATH,code=PATH,reasoning=PATH, or builtin"
+    )
+    parser.add_argument(
+        "--cls-expert", default=None, help="needed for the cls method (a path, or builtin)"
+    )
+    for method in DISPATCH_STRATEGIES:
+        parser.add_argument(
+            f"--{method}-dispatch",
+            choices=DISPATCH_METHODS,
+            default="generate",
+            help=f"how the {method} strategy reads the category (default: the official generate)",
+        )
     parser.add_argument("--tasks", default=",".join(reports.TABLE2_TASKS))
     parser.add_argument("--methods", default=",".join(reports.METHODS))
     parser.add_argument("--limit", type=int, default=50, help="reported items per task")
@@ -49,6 +66,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--cache-dir", default=None, help="SVD factor cache root")
     parser.add_argument("--out", default="runs/table2")
+    parser.add_argument(
+        "--records",
+        default=None,
+        help="also copy every finished cell here without prompts, outputs or answers (small "
+        "enough to commit, no benchmark content; copied back into --out, a later run resumes)",
+    )
     parser.add_argument("--restart", action="store_true", help="recompute finished cells")
     parser.add_argument(
         "--report-only",
@@ -90,7 +113,7 @@ def write_reports(
         reports.METHOD_TITLES[method]: dispatch_confusion(
             {task: [r["category"] for r in rows] for task, rows in records[method].items()}
         )
-        for method in DISPATCH_METHODS
+        for method in DISPATCH_STRATEGIES
         if method in records
     }
     if confusions:
@@ -98,6 +121,27 @@ def write_reports(
     if "fewshot" in summaries:
         alphas = {task: summary["alpha"] for task, summary in summaries["fewshot"].items()}
         reports.plot_alpha(alphas, expert_names, out / "alpha.png")
+
+
+# What a committed record keeps of a sample record: what the tables, the paired differences and
+# the confusion matrices read, and nothing of the benchmark (no prompt, gold answer or reason).
+COMPACT_FIELDS = ("id", "route", "category", "classification", "correct", "reward")
+
+
+def compact_record(record: dict) -> dict:
+    """`record` reduced to COMPACT_FIELDS, with `extracted` blanked to "" (None stays None): it
+    keeps whether an answer was extracted (`evaluation.paired_comparison` reads that) without
+    the answer, which for code tasks repeats the benchmark's prompt."""
+    compact = {name: record[name] for name in COMPACT_FIELDS if name in record}
+    return {**compact, "extracted": None if record.get("extracted") is None else ""}
+
+
+def write_compact_cell(cell_dir: pathlib.Path, records_dir: pathlib.Path) -> None:
+    """A finished cell's summary and its records reduced by `compact_record`
+    (`evaluation.write_run`: each file atomically)."""
+    cell_records, summary = read_cell(cell_dir)
+    compact = [compact_record(record) for record in cell_records]
+    evaluation.write_run(records_dir, compact, summary, reports.run_markdown)
 
 
 def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathlib.Path) -> None:
@@ -108,6 +152,7 @@ def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathl
         max_new_tokens=args.max_new_tokens,
         rows_per_call=args.rows_per_call,
         classify_max_new_tokens=args.classify_max_new_tokens,
+        dispatch=getattr(args, f"{method}_dispatch", "generate"),
         few_shot=few_shot,
     )
     run = adapt.evaluate_method(
@@ -118,7 +163,6 @@ def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathl
 
 def main() -> None:
     args = parse_args()
-    paths = parse_expert_paths(args.experts)
     few_shot = few_shot_config(args)
     out = pathlib.Path(args.out)
     model = None  # loaded when the first cell has to run
@@ -132,23 +176,29 @@ def main() -> None:
                 print(f"{method} {task_name}: not run")
                 continue
             if args.restart or not finished:
+                print(f"{method} {task_name}: running {args.limit} items", flush=True)
                 if model is None:
-                    model = load_expert_model(args, paths)
+                    model = load_expert_model(args)
                     out.mkdir(parents=True, exist_ok=True)
                     options = {**vars(args), "few_shot": dataclasses.asdict(few_shot)}
                     (out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
                 run_cell(model, args, few_shot, task_name, method, cell_dir)
             cell_records, summary = read_cell(cell_dir)
+            base_dir = out / "base" / task_name
+            if method != "base" and (base_dir / "summary.json").exists():
+                summary["vs_base"] = evaluation.paired_comparison(base_dir, cell_dir)
             records.setdefault(method, {})[task_name] = cell_records
             summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
-    write_reports(out, args.model, tuple(paths), records, summaries)
+            if args.records:
+                write_compact_cell(cell_dir, pathlib.Path(args.records) / method / task_name)
+    expert_names = tuple(expert_paths(args.model, args.experts))
+    write_reports(out, args.model, expert_names, records, summaries)
 
 
-def load_expert_model(args, paths: dict[str, str]) -> ExpertModel:
+def load_expert_model(args) -> ExpertModel:
     """The model with its experts (and the classifier, when given)."""
-    experts = {name: experts_lib.load_expert(path) for name, path in paths.items()}
-    classifier = experts_lib.load_expert(args.cls_expert) if args.cls_expert else None
+    experts, classifier = load_named_experts(args.model, args.experts, args.cls_expert)
     loaded = load_model(args.model)
     return build_expert_model(loaded, experts, classifier, cache_root=args.cache_dir)
 

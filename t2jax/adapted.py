@@ -215,7 +215,8 @@ class AdaptedModel:
             output_ids: token ids of each output.
             choices: adapters, or None for the weights as loaded.
             row_choice: the choice of each row.
-            rows_per_call: rows per teacher-forced pass.
+            rows_per_call: rows per teacher-forced pass (rounded up to a multiple of the
+                data-parallel size: each call shards its rows on the mesh's data axes).
             reduce: "mean" or "sum" over the output's tokens.
 
         Returns:
@@ -226,6 +227,8 @@ class AdaptedModel:
             return np.zeros(0, np.float32)
         as_loaded = all(choices[c] is None for c in set(row_choice))
         table = None if as_loaded else self._choice_table([*choices, None])
+        multiple = self.sampler.batch_multiple  # calls shard their rows on the data axes
+        rows_per_call = -(-rows_per_call // multiple) * multiple
         results = []
         for start in range(0, len(sequences), rows_per_call):
             rows = slice(start, start + rows_per_call)
@@ -267,7 +270,7 @@ class AdaptedModel:
                 prefix_ids,
                 prefix_mask,
                 self.sampler.new_cache(1, width, sharded=False),
-                self.sampler.new_cache(batch, width + tokens.shape[1], sharded=False),
+                self.sampler.new_cache(batch, width + tokens.shape[1]),
             )
         else:
             tokens, mask = left_pad(
@@ -279,9 +282,18 @@ class AdaptedModel:
             target_mask[row, length - len(output) :] = len(output) > 0
         longest = max(map(len, outputs))
         tail = min(length, -(-(longest + 1) // 16) * 16)  # positions that predict outputs
+        place = self.sampler.place_batch
         return np.asarray(
             _output_log_prob(
-                self.config, self.weights, svf, tokens, mask, target_mask, mean, tail, prefix
+                self.config,
+                self.weights,
+                svf,
+                place(tokens),
+                place(mask),
+                place(target_mask),
+                mean,
+                tail,
+                prefix,
             )
         )
 

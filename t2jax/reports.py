@@ -42,13 +42,16 @@ def table2(results: Mapping[str, Mapping[str, Mapping[str, Any]]], model: str) -
     Args:
         results: method ("base", "prompt", "cls", "fewshot") -> task -> a summary with
             `accuracy`, `n` and optionally `standard_error` (as `adaptation.pipeline.score_run` or
-            `evaluation.evaluate` return).
+            `evaluation.evaluate` return) and `vs_base` (`evaluation.paired_comparison` against
+            the base run on the same items).
         model: the model's name, shown in the base row.
 
     Returns:
         {"model", "tasks", "rows": [{"method", "title", "cells": {task: {"accuracy", "n",
-        "standard_error", "normalized"}}}]}; "normalized" is accuracy / the base accuracy (absent
-        without a base run or when the base scored 0).
+        "standard_error", "normalized", "difference", "difference_standard_error"}}}]};
+        "normalized" is accuracy / the base accuracy (absent without a base run or when the base
+        scored 0); "difference" (method - base) and its paired standard error are present where
+        the summary has `vs_base`.
     """
     base = results.get("base", {})
     rows = []
@@ -62,6 +65,9 @@ def table2(results: Mapping[str, Mapping[str, Mapping[str, Any]]], model: str) -
             }
             if task in base and base[task]["accuracy"] > 0:
                 cell["normalized"] = summary["accuracy"] / base[task]["accuracy"]
+            if summary.get("vs_base"):
+                cell["difference"] = summary["vs_base"]["difference"]
+                cell["difference_standard_error"] = summary["vs_base"]["difference_standard_error"]
             cells[task] = cell
         title = model if method == "base" else METHOD_TITLES[method]
         rows.append({"method": method, "title": title, "cells": cells})
@@ -72,7 +78,8 @@ def table2(results: Mapping[str, Mapping[str, Mapping[str, Any]]], model: str) -
 
 def table2_markdown(table: Mapping[str, Any]) -> str:
     """Markdown of `table2`: accuracy in percent with the normalized score in parentheses, as in
-    the paper, then a row with the number of items per task."""
+    the paper, and where known the paired difference from base in points ± its standard error;
+    then a row with the number of items per task."""
     tasks = table["tasks"]
     lines = [
         "| model | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
@@ -95,6 +102,8 @@ def _table2_cell(cell: Mapping[str, Any] | None) -> str:
     text = f"{100 * cell['accuracy']:.2f}"
     if "normalized" in cell:
         text += f" ({cell['normalized']:.2f})"
+    if "difference" in cell:
+        text += f", {100 * cell['difference']:+.1f} ± {100 * cell['difference_standard_error']:.1f}"
     return text
 
 

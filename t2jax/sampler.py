@@ -271,7 +271,7 @@ class Sampler:
             length = bucket_length(max(map(len, token_lists)), self.sampler_config.prompt_buckets)
             ids, mask = left_pad(token_lists, length, rows)
             cache = self.new_cache(rows, length + new_tokens_bucket(max_new_tokens))
-            ids, mask = self._place(ids), self._place(mask)
+            ids, mask = self.place_batch(ids), self.place_batch(mask)
             state = prefill(self.config, self.weights, svf, ids, mask, cache, *sampling)
         compact = self.sampler_config.compact_rows
         chunk = STOP_CHECK_CHUNK if stop_strings or compact else max_new_tokens
@@ -333,14 +333,14 @@ class Sampler:
             self.weights,
             jnp.asarray(prefix),
             jnp.asarray(prefix_mask),
-            self._place(ids),
-            self._place(mask),
+            self.place_batch(ids),
+            self.place_batch(mask),
             prefix_cache,
             self.new_cache(rows, slots),
             *sampling,
         )
 
-    def _place(self, array: np.ndarray) -> Array:
+    def place_batch(self, array: np.ndarray) -> Array:
         """A host array (the same on every process) as a global array with the batch sharding;
         each process supplies its addressable shards, so this also works across hosts."""
         if self.batch_sharding is None:

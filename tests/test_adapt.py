@@ -29,6 +29,7 @@ from t2jax.svf import factors as svf_factors
 from t2jax.svf import targets as svf_targets
 from t2jax.tasks import Example, Score, Task, get_task, parse_category
 from t2jax.tasks.base import TEMPLATE_PLAIN
+from t2jax.tasks.data import read_jsonl
 from t2jax.tasks.prompts import render_chat
 
 pytest.importorskip("torch")
@@ -409,13 +410,17 @@ def test_table2_markdown_json_and_plots(tmp_path):
         "base": {"math": {"accuracy": 0.25, "n": 40}, "arc_challenge": {"accuracy": 0.5, "n": 40}},
         "prompt": {
             "math": {"accuracy": 0.3, "n": 40},
-            "arc_challenge": {"accuracy": 0.45, "n": 40},
+            "arc_challenge": {
+                "accuracy": 0.45,
+                "n": 40,
+                "vs_base": {"difference": -0.05, "difference_standard_error": 0.0312},
+            },
         },
     }
     table = reports.table2(results, model="tiny")
     markdown = reports.write_table2(table, tmp_path).read_text()
     assert "| tiny | 25.00 (1.00) | 50.00 (1.00) |" in markdown
-    assert "| + T² (Prompt) | 30.00 (1.20) | 45.00 (0.90) |" in markdown
+    assert "| + T² (Prompt) | 30.00 (1.20) | 45.00 (0.90), -5.0 ± 3.1 |" in markdown
     assert json.loads((tmp_path / "table2.json").read_text())["tasks"] == ["math", "arc_challenge"]
 
     counts = reports.confusion_counts(["math", "math", "code"], ["math", "other", "code"])
@@ -642,6 +647,8 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
         str(NEW_TOKENS),
         "--classify-max-new-tokens",
         str(NEW_TOKENS),
+        "--cls-dispatch",
+        "likelihood",
         "--shots",
         "2",
         "--generations",
@@ -659,7 +666,10 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     table = json.loads((tmp_path / "table2.json").read_text())
     assert [row["method"] for row in table["rows"]] == ["base", "cls", "fewshot"]
     assert all(row["cells"]["arc_challenge"]["n"] == 2 for row in table["rows"])
+    assert all("difference" in row["cells"]["arc_challenge"] for row in table["rows"][1:])
     assert (tmp_path / "confusion.png").exists() and (tmp_path / "alpha.png").exists()
+    cls_summary = json.loads((tmp_path / "cls" / "arc_challenge" / "summary.json").read_text())
+    assert cls_summary["dispatch"] == "likelihood"
 
     # A rerun reuses finished cells: an edited summary shows up in the rebuilt table.
     summary_path = tmp_path / "cls" / "arc_challenge" / "summary.json"
@@ -668,6 +678,20 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     runpy.run_path(str(script), run_name="__main__")
     table = json.loads((tmp_path / "table2.json").read_text())
     assert table["rows"][1]["cells"]["arc_challenge"]["accuracy"] == 0.123
+
+    # --records copies the finished cells without prompts and outputs; seeded from them, a run
+    # reuses them.
+    records = tmp_path / "records"
+    monkeypatch.setattr(sys, "argv", [*argv, "--report-only", "--records", str(records)])
+    runpy.run_path(str(script), run_name="__main__")
+    compact = read_jsonl(records / "cls" / "arc_challenge" / "samples.jsonl")
+    assert len(compact) == 2 and {"correct", "category", "extracted"} <= set(compact[0])
+    assert not {"prompt", "output", "gold", "reason"} & set(compact[0])
+    assert {record["extracted"] for record in compact} <= {"", None}
+    out = argv.index("--out") + 1
+    monkeypatch.setattr(sys, "argv", [*argv[:out], str(records), *argv[out + 1 :], "--report-only"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert json.loads((records / "table2.json").read_text())["rows"][1]["method"] == "cls"
 
     # --report-only runs nothing: a method without finished cells gets no row.
     methods = argv.index("--methods") + 1

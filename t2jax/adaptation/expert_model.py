@@ -93,6 +93,17 @@ def parse_expert_paths(spec: str) -> dict[str, str]:
     return paths
 
 
+def expert_paths(model: str, experts: str) -> dict[str, str]:
+    """name -> file of "NAME=PATH,..." or of "builtin" (`model`'s shipped experts), in order.
+
+    Raises:
+        ValueError: a malformed spec, or "builtin" for a model without shipped experts.
+    """
+    if experts == shipped.BUILTIN:
+        return shipped.builtin_paths(model)
+    return parse_expert_paths(experts)
+
+
 def load_named_experts(
     model: str, experts: str, cls_expert: str | None = None
 ) -> tuple[dict[str, experts_lib.Expert], experts_lib.Expert | None]:
@@ -103,9 +114,7 @@ def load_named_experts(
         ValueError: a malformed spec, or "builtin" for a model without shipped experts.
         t2jax.svf.experts.ExpertError: an unreadable expert file.
     """
-    paths = (
-        shipped.builtin_paths(model) if experts == shipped.BUILTIN else parse_expert_paths(experts)
-    )
+    paths = expert_paths(model, experts)
     if cls_expert == shipped.BUILTIN:
         cls_expert = shipped.builtin_paths(model, classifier=True)["cls"]
     loaded = {name: experts_lib.load_expert(path) for name, path in paths.items()}
