@@ -11,6 +11,14 @@ weights (plain nn.Linear layers holding the same dequantized tensors). Needs tor
 The "matmul bound" column is the throughput of a decoder whose steps cost only their matmuls
 (every layer kernel and the lm_head at the batch's rows, bf16 weights as `ops.matmul` runs them,
 prefill free): a decoder that runs these matmuls cannot beat it, whatever else it removes.
+The "memory bound" column is the roofline of a step that reads every weight it uses once (bf16;
+one embedding row, the whole lm_head) and each row's KV cache at its mean live length, at the
+copy bandwidth measured in the same run: no decoder that keeps its weights in device memory
+beats it.
+
+`--model` takes anything `load_model` loads, `random:DIR` included (an architecture with random
+weights; `t2jax export --architecture-only` writes DIR): throughput depends on shapes, not values,
+and rows decode the full length whatever they generate. On a GPU, transformers runs on it too.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2jax import ops
-from t2jax.checkpoints.registry import REGISTRY
-from t2jax.config import ModelConfig
+from t2jax.checkpoints.common import expected_hf_shapes
+from t2jax.config import ModelConfig, SamplerConfig
 from t2jax.loading import load_model
 from t2jax.sampler import Sampler
 
@@ -36,6 +44,10 @@ QUESTIONS = [
     "Which gas do plants absorb from the atmosphere?",
     "What is the sum of the first ten odd numbers?",
 ]
+
+
+# --dtypes name -> (t2jax parameter dtype, name of the torch dtype of transformers' weights).
+DTYPES = {"bf16": (jnp.bfloat16, "bfloat16"), "fp32": (jnp.float32, "float32")}
 
 
 def chat_prompts(tokenizer, batch_size: int) -> list[str]:
@@ -83,24 +95,56 @@ def matmul_bound(config: ModelConfig, batch_size: int, steps: int = 32, repeats:
     head = 0.02 * jax.random.normal(next(keys), (hidden, config.vocab_size), jnp.bfloat16)
     x = jax.random.normal(next(keys), (batch_size, 1, hidden), jnp.float32)  # [B, 1, D]
 
-    def step(_, x):
+    def step(x, layers, head):
         for wq, wk, wv, wo, wg, wu, wd in layers:
             q, k, v = ops.matmul(x, wq), ops.matmul(x, wk), ops.matmul(x, wv)  # [B, 1, Hq*hd] ..
             x = x + ops.matmul(q + (k[..., :1] + v[..., :1]), wo)  # [B, 1, D]
             x = x + ops.matmul(ops.matmul(x, wg) * ops.matmul(x, wu), wd)  # [B, 1, D]
         return x + ops.matmul(x, head)[..., :hidden]  # [B, 1, D]
 
-    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
-    run(x).block_until_ready()
+    # The weights are arguments: closed over, an 8B model's would be compiled in as constants.
+    run = jax.jit(
+        lambda x, layers, head: jax.lax.fori_loop(0, steps, lambda _, x: step(x, layers, head), x)
+    )
+    run(x, layers, head).block_until_ready()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(x).block_until_ready()
+        run(x, layers, head).block_until_ready()
         seconds.append(time.perf_counter() - start)
     return batch_size * steps / min(seconds)
 
 
-def load_torch_model(checkpoint, dtype):
+def copy_bandwidth(megabytes: int = 2048, repeats: int = 5) -> float:
+    """Bytes/s of the default device copying an array (bytes read plus bytes written), best of
+    `repeats`."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)  # [N]
+    copy = jax.jit(lambda x: x + 1.0)
+    copy(x).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return 2 * x.nbytes / min(seconds)
+
+
+def memory_bound(
+    config: ModelConfig, batch_size: int, prompt_tokens: int, new_tokens: int, bandwidth: float
+) -> float:
+    """Tokens/s of a decode step that only reads its bf16 weights once (one embedding row, the
+    whole lm_head) and each row's bf16 KV cache at its mean live length, at `bandwidth` bytes/s."""
+    shapes = expected_hf_shapes(config)
+    weight_count = sum(int(np.prod(shape)) for shape in shapes.values())
+    if not config.tie_word_embeddings:  # the embedding is gathered, not streamed
+        weight_count -= int(np.prod(shapes["model.embed_tokens.weight"]))
+    live_length = prompt_tokens + new_tokens / 2
+    kv_count = 2 * config.num_layers * config.kv_dim * live_length * batch_size
+    step_bytes = 2 * (weight_count + kv_count)
+    return batch_size * bandwidth / step_bytes
+
+
+def load_torch_model(checkpoint, dtype_name: str):
     """A plain transformers model (nn.Linear layers) holding the checkpoint's dequantized weights.
 
     (transformers' own GGUF loader keeps the weights quantized and runs dequantizing kernels,
@@ -111,6 +155,7 @@ def load_torch_model(checkpoint, dtype):
 
     hf_config = dict(checkpoint.hf_config)
     config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    dtype = getattr(torch, dtype_name)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {
         name: torch.from_numpy(np.asarray(array)) for name, array in checkpoint.tensors.items()
@@ -118,7 +163,14 @@ def load_torch_model(checkpoint, dtype):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
-    return model.to(dtype).eval()
+    return model.to(dtype=dtype, device=torch_device()).eval()
+
+
+def torch_device() -> str:
+    """ "cuda" where PyTorch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def time_transformers(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
@@ -127,6 +179,7 @@ def time_transformers(model, tokenizer, prompts: list[str], new_tokens: int) -> 
 
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = batch.to(torch_device())
     kwargs = dict(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
@@ -137,6 +190,8 @@ def time_transformers(model, tokenizer, prompts: list[str], new_tokens: int) -> 
         model.generate(**batch, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
         start = time.perf_counter()
         output = model.generate(**batch, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     assert output.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return len(prompts) * new_tokens / elapsed
@@ -144,32 +199,54 @@ def time_transformers(model, tokenizer, prompts: list[str], new_tokens: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(REGISTRY))
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="what load_model loads")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtypes", default="bf16,fp32", help="weight dtypes to run, of bf16,fp32")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="also time t2jax with q|k|v and gate|up fused (SamplerConfig(fuse_projections=True))",
+    )
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    dtypes = args.dtypes.split(",")
+    if not dtypes or set(dtypes) - set(DTYPES):
+        parser.error(f"--dtypes takes a comma list of {', '.join(DTYPES)}")
 
     rows = {size: {} for size in batch_sizes}
-    for label, dtype in (("t2jax bf16", jnp.bfloat16), ("t2jax fp32", jnp.float32)):
-        loaded = load_model(args.model, dtype=dtype)
-        sampler = Sampler.for_model(loaded)
+    for name in dtypes:
+        label = f"t2jax {name}"
+        loaded = load_model(args.model, dtype=DTYPES[name][0])
+        samplers = {label: Sampler.for_model(loaded)}
+        if args.fused:
+            fused = SamplerConfig(fuse_projections=True)
+            samplers[f"{label} fused"] = Sampler.for_model(loaded, sampler_config=fused)
         for size in batch_sizes:
             prompts = chat_prompts(loaded.tokenizer, size)
-            rows[size][label] = time_t2jax(sampler, prompts, args.new_tokens)
-            print(f"batch {size}: {label} {rows[size][label]:.1f} tok/s", flush=True)
+            for column, sampler in samplers.items():
+                rows[size][column] = time_t2jax(sampler, prompts, args.new_tokens)
+                print(f"batch {size}: {column} {rows[size][column]:.1f} tok/s", flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     for size in batch_sizes:
         rows[size]["matmul bound"] = matmul_bound(loaded.config, size)
-        print(f"batch {size}: matmul bound {rows[size]['matmul bound']:.1f} tok/s", flush=True)
+        prompt_tokens = max(
+            len(loaded.tokenizer(p).input_ids) for p in chat_prompts(loaded.tokenizer, size)
+        )
+        rows[size]["memory bound"] = memory_bound(
+            loaded.config, size, prompt_tokens, args.new_tokens, bandwidth
+        )
+        print(
+            f"batch {size}: matmul bound {rows[size]['matmul bound']:.1f} tok/s, "
+            f"memory bound {rows[size]['memory bound']:.1f} tok/s",
+            flush=True,
+        )
     if not args.skip_transformers:
-        import torch
-
-        for label, dtype in (
-            ("transformers fp32", torch.float32),
-            ("transformers bf16", torch.bfloat16),
-        ):
-            model = load_torch_model(loaded.checkpoint, dtype)
+        for name in dtypes:
+            label = f"transformers {name}"
+            model = load_torch_model(loaded.checkpoint, DTYPES[name][1])
             for size in batch_sizes:
                 prompts = chat_prompts(loaded.tokenizer, size)
                 rows[size][label] = time_transformers(
@@ -183,16 +260,21 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {len(jax.devices())} x {device.device_kind}")
     columns = list(next(iter(rows.values())))
+    ratio_labels = ("transformers fp32", "transformers bf16", "memory bound")
     print(
         "| batch | "
         + " | ".join(columns)
-        + " | t2jax bf16 / transformers fp32 | t2jax bf16 / transformers bf16 |"
+        + " | "
+        + " | ".join(f"t2jax bf16 / {label}" for label in ratio_labels)
+        + " |"
     )
-    print("|---|" + "---|" * (len(columns) + 2))
+    print("|---|" + "---|" * (len(columns) + len(ratio_labels)))
     for size, row in rows.items():
         ratios = [
-            f"{row['t2jax bf16'] / row[label]:.2f}x" if label in row else "n/a"
-            for label in ("transformers fp32", "transformers bf16")
+            f"{row['t2jax bf16'] / row[label]:.2f}x"
+            if label in row and "t2jax bf16" in row
+            else "n/a"
+            for label in ratio_labels
         ]
         cells = [f"{row[column]:.1f}" for column in columns]
         print(f"| {size} | " + " | ".join(cells + ratios) + " |")

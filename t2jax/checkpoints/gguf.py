@@ -18,10 +18,6 @@ import gguf
 import numpy as np
 import transformers
 from transformers.integrations import GGUF_CONFIG_MAPPING
-from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-    GGUF_TOKENIZER_MAPPING,
-    convert_gguf_tokenizer,
-)
 
 from t2jax.checkpoints.common import (
     Checkpoint,
@@ -234,6 +230,13 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> transformers.PreTrainedT
     Raises:
         CheckpointError: an unsupported tokenizer model.
     """
+    # Imported here, not with the module: transformers before 5.23 lacks the mapping, and HF
+    # directories and random:DIR checkpoints load without it (e.g. on a GPU image's transformers).
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
     tokenizer_dict, tokenizer_config = (
         {
             hf_key: metadata[f"tokenizer.{gguf_key}"]

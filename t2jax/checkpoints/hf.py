@@ -69,18 +69,27 @@ def load_hf_dir(path: str | pathlib.Path, source: str | None = None) -> Checkpoi
     check_tensor_layout(shapes, config, str(directory))
 
     tokenizer = load_hf_tokenizer(directory)
-    generation_config_path = directory / "generation_config.json"
-    generation_config = read_json(generation_config_path) if generation_config_path.exists() else {}
-    eos_ids = end_of_sequence_ids(
-        tokenizer, hf_config.get("eos_token_id"), generation_config.get("eos_token_id")
-    )
     return Checkpoint(
         config=config,
         hf_config=hf_config,
         tensors=LazyTensors(shapes, lambda name: read_safetensor(locations[name][0], name)),
         tokenizer=tokenizer,
         source=source or str(directory),
-        eos_token_ids=eos_ids,
+        eos_token_ids=read_end_of_sequence_ids(directory, hf_config, tokenizer),
+    )
+
+
+def read_end_of_sequence_ids(
+    directory: pathlib.Path,
+    hf_config: Mapping[str, Any],
+    tokenizer: transformers.PreTrainedTokenizerBase,
+) -> tuple[int, ...]:
+    """Every end id of a checkpoint directory: the tokenizer's, config.json's and
+    generation_config.json's (when present)."""
+    generation_config_path = directory / "generation_config.json"
+    generation_config = read_json(generation_config_path) if generation_config_path.exists() else {}
+    return end_of_sequence_ids(
+        tokenizer, hf_config.get("eos_token_id"), generation_config.get("eos_token_id")
     )
 
 

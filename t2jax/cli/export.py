@@ -2,6 +2,11 @@
 
     t2jax export --model smollm2-135m-instruct --expert math.safetensors --out smollm2-math
     t2jax export --model qwen2.5-coder-0.5b-instruct --out qwen-base --dtype float32
+    t2jax export --model qwen2.5-coder-0.5b-instruct --out qwen-arch --architecture-only
+
+`--architecture-only` writes config.json, generation_config.json and the tokenizer without weights:
+`--model random:qwen-arch` then loads that architecture with random weights (for benchmarks on
+machines the weights cannot reach).
 
 The model is loaded and W' composed in float32; `--dtype` is the dtype of the saved weights.
 """
@@ -36,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="the checkpoint directory to create")
     parser.add_argument(
+        "--architecture-only",
+        action="store_true",
+        help="write the config and tokenizer without weights (load it back as random:OUT)",
+    )
+    parser.add_argument(
         "--cache-dir",
         default=None,
         help="SVD factors are cached under CACHE_DIR/<fingerprint> (default: the user cache dir)",
@@ -52,9 +62,15 @@ def _export(args: argparse.Namespace) -> int:
 
     out = pathlib.Path(args.out)
     files.check_destination(out, args.overwrite)  # before any loading
+    if args.architecture_only and args.expert:
+        raise SystemExit("--architecture-only writes no weights: drop --expert")
     expert = experts_lib.load_expert(args.expert) if args.expert else None
     section = ModelSection(name=args.model, dtype="float32", mesh=MeshConfig(shape=args.mesh))
     loaded = load_model_section(section, progress=not args.no_progress)
+    if args.architecture_only:
+        export.export_architecture(loaded, out, overwrite=args.overwrite)
+        print(f"wrote {out}: the architecture and tokenizer of {args.model}, no weights")
+        return 0
     export.export_expert(
         loaded,
         expert,
