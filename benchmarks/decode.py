@@ -1,12 +1,14 @@
 """Greedy decoding throughput: t2jax vs transformers' PyTorch `generate`, same prompts, same run.
 
     python benchmarks/decode.py [--model smollm2-135m-instruct] [--batch-sizes 1,8,32]
+        [--dtypes bf16,fp32] [--fused] [--skip-transformers]
 
 Generates `--new-tokens` tokens per row (end ids ignored, so every row decodes the full length)
 for each batch size and prints tokens/s end to end (prefill included, compilation excluded: each
 t2jax configuration is run once to warm up). t2jax runs with bf16 parameters (its default; fp32
-activations on CPU) and with fp32 parameters. transformers runs in fp32 and bf16 on the same
-weights (plain nn.Linear layers holding the same dequantized tensors). Needs torch (test extra).
+activations on CPU) and with fp32 parameters (`--dtypes`), and with q|k|v and gate|up fused
+(`--fused`). transformers runs in the same dtypes on the same weights (plain nn.Linear layers
+holding the same dequantized tensors). Needs torch (test extra).
 
 The "matmul bound" column is the throughput of a decoder whose steps cost only their matmuls
 (every layer kernel and the lm_head at the batch's rows, bf16 weights as `ops.matmul` runs them,
