@@ -30,7 +30,7 @@ import safetensors.numpy
 
 from t2jax import files
 from t2jax import model as model_lib
-from t2jax.checkpoints.common import hf_layer_tensor_names
+from t2jax.checkpoints.common import Checkpoint, hf_layer_tensor_names
 from t2jax.checkpoints.hf import model_config_from_hf
 from t2jax.config import ModelConfig
 from t2jax.loading import LoadedModel
@@ -131,7 +131,7 @@ def export_hf(
     saved_dtype = _saved_dtype(dtype)
     files.check_destination(out, overwrite)
     z = _checked_z(loaded, factors, expert)
-    hf_config = export_config(loaded, dtype, out / "config.json")
+    hf_config = export_config(loaded.checkpoint, dtype, out / "config.json")
     weights = loaded.weights
     if z is not None:
         weights = svf_factors.merge_into_weights(weights, factors, z)
@@ -139,40 +139,41 @@ def export_hf(
 
     def write(directory: pathlib.Path) -> None:
         safetensors.numpy.save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_architecture(directory, loaded, hf_config)
+        _write_architecture(directory, loaded.checkpoint, hf_config)
 
     files.write_directory(out, write, overwrite=overwrite)
     return out
 
 
 def export_architecture(
-    loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False
+    checkpoint: Checkpoint, out_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> pathlib.Path:
-    """Writes `loaded`'s architecture without its weights: config.json, generation_config.json
-    and the tokenizer files, which `load_checkpoint("random:DIR")` turns into a model with random
-    weights (see `t2jax.checkpoints.synthetic`) where the real weights cannot travel.
+    """Writes a checkpoint's architecture without its weights: config.json,
+    generation_config.json and the tokenizer files, which `load_checkpoint("random:DIR")` turns
+    into a model with random weights (see `t2jax.checkpoints.synthetic`) where the real weights
+    cannot travel. No tensor is read.
 
     Raises:
         ExportError: an existing non-empty `out_dir` without `overwrite`.
     """
     out = pathlib.Path(out_dir)
     files.check_destination(out, overwrite)
-    hf_config = export_config(loaded, "bfloat16", out / "config.json")
+    hf_config = export_config(checkpoint, "bfloat16", out / "config.json")
     files.write_directory(
         out,
-        lambda directory: _write_architecture(directory, loaded, hf_config),
+        lambda directory: _write_architecture(directory, checkpoint, hf_config),
         overwrite=overwrite,
     )
     return out
 
 
 def _write_architecture(
-    directory: pathlib.Path, loaded: LoadedModel, hf_config: Mapping[str, Any]
+    directory: pathlib.Path, checkpoint: Checkpoint, hf_config: Mapping[str, Any]
 ) -> None:
     """The files of a checkpoint directory beside its weights."""
     _write_json(directory / "config.json", hf_config)
-    _write_json(directory / "generation_config.json", generation_config(loaded))
-    loaded.tokenizer.save_pretrained(str(directory))
+    _write_json(directory / "generation_config.json", generation_config(checkpoint))
+    checkpoint.tokenizer.save_pretrained(str(directory))
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
@@ -220,7 +221,7 @@ def _missing_kernels(weights: model_lib.Weights) -> list[str]:
 # Files: config, generation config, tensors.
 
 
-def export_config(loaded: LoadedModel, dtype: str, path: pathlib.Path) -> dict[str, Any]:
+def export_config(checkpoint: Checkpoint, dtype: str, path: pathlib.Path) -> dict[str, Any]:
     """The `config.json` dict: the checkpoint's HF config with the architecture spelled out (so
     transformers' defaults never stand in for t2jax's), checked to load back as the same
     `ModelConfig`.
@@ -228,8 +229,8 @@ def export_config(loaded: LoadedModel, dtype: str, path: pathlib.Path) -> dict[s
     Raises:
         ExportError: the dict would load as a different architecture (a bug, never written).
     """
-    config = loaded.config
-    hf = {k: v for k, v in loaded.checkpoint.hf_config.items() if k not in _DROPPED_CONFIG_KEYS}
+    config = checkpoint.config
+    hf = {k: v for k, v in checkpoint.hf_config.items() if k not in _DROPPED_CONFIG_KEYS}
     hf.update(
         architectures=[ARCHITECTURES[config.model_type]],
         model_type=config.model_type,
@@ -253,23 +254,23 @@ def export_config(loaded: LoadedModel, dtype: str, path: pathlib.Path) -> dict[s
         hf["attention_bias"] = config.o_bias
     if config.sliding_window is not None:
         hf["sliding_window"] = config.sliding_window
-    tokenizer = loaded.tokenizer
+    tokenizer = checkpoint.tokenizer
     if "bos_token_id" not in hf and tokenizer.bos_token_id is not None:
         hf["bos_token_id"] = tokenizer.bos_token_id
-    if "eos_token_id" not in hf and loaded.eos_ids:
-        hf["eos_token_id"] = loaded.eos_ids[0]
+    if "eos_token_id" not in hf and checkpoint.eos_token_ids:
+        hf["eos_token_id"] = checkpoint.eos_token_ids[0]
     reloaded = model_config_from_hf(hf, path)
     if reloaded != config:
         raise ExportError(f"the exported config would load as {reloaded}, not {config}")
     return hf
 
 
-def generation_config(loaded: LoadedModel) -> dict[str, Any]:
+def generation_config(checkpoint: Checkpoint) -> dict[str, Any]:
     """`generation_config.json`: every end id (transformers stops on any of them), bos and pad."""
-    tokenizer = loaded.tokenizer
+    tokenizer = checkpoint.tokenizer
     values = {
         "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": list(loaded.eos_ids),
+        "eos_token_id": list(checkpoint.eos_token_ids),
         "pad_token_id": tokenizer.pad_token_id,
     }
     return {key: value for key, value in values.items() if value is not None}

@@ -57,20 +57,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from t2jax import export
+    from t2jax.checkpoints import load_checkpoint
     from t2jax.loading import load_model_section
     from t2jax.svf import experts as experts_lib
 
     out = pathlib.Path(args.out)
     files.check_destination(out, args.overwrite)  # before any loading
-    if args.architecture_only and args.expert:
-        raise SystemExit("--architecture-only writes no weights: drop --expert")
+    if args.architecture_only:
+        if args.expert:
+            raise SystemExit("--architecture-only writes no weights: drop --expert")
+        checkpoint = load_checkpoint(args.model, progress=not args.no_progress)
+        export.export_architecture(checkpoint, out, overwrite=args.overwrite)
+        print(f"wrote {out}: the architecture and tokenizer of {args.model}, no weights")
+        return 0
     expert = experts_lib.load_expert(args.expert) if args.expert else None
     section = ModelSection(name=args.model, dtype="float32", mesh=MeshConfig(shape=args.mesh))
     loaded = load_model_section(section, progress=not args.no_progress)
-    if args.architecture_only:
-        export.export_architecture(loaded, out, overwrite=args.overwrite)
-        print(f"wrote {out}: the architecture and tokenizer of {args.model}, no weights")
-        return 0
     export.export_expert(
         loaded,
         expert,
