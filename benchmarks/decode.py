@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2jax import ops
-from t2jax.checkpoints.common import expected_hf_shapes
 from t2jax.config import ModelConfig, SamplerConfig
 from t2jax.loading import load_model
+from t2jax.plan.models import parameter_bytes
 from t2jax.sampler import Sampler
 
 QUESTIONS = [
@@ -136,14 +136,12 @@ def memory_bound(
 ) -> float:
     """Tokens/s of a decode step that only reads its bf16 weights once (one embedding row, the
     whole lm_head) and each row's bf16 KV cache at its mean live length, at `bandwidth` bytes/s."""
-    shapes = expected_hf_shapes(config)
-    weight_count = sum(int(np.prod(shape)) for shape in shapes.values())
+    weight_bytes = parameter_bytes(config, jnp.bfloat16)
     if not config.tie_word_embeddings:  # the embedding is gathered, not streamed
-        weight_count -= int(np.prod(shapes["model.embed_tokens.weight"]))
+        weight_bytes -= 2 * config.vocab_size * config.hidden_size
     live_length = prompt_tokens + new_tokens / 2
-    kv_count = 2 * config.num_layers * config.kv_dim * live_length * batch_size
-    step_bytes = 2 * (weight_count + kv_count)
-    return batch_size * bandwidth / step_bytes
+    kv_bytes = 2 * 2 * config.num_layers * config.kv_dim * live_length * batch_size  # K and V
+    return batch_size * bandwidth / (weight_bytes + kv_bytes)
 
 
 def load_torch_model(checkpoint, dtype_name: str):
