@@ -6,9 +6,13 @@
 #   1. decode (benchmarks/decode.py): Qwen2.5-Coder-0.5B at batch 1/32/256, t2jax bf16 against
 #      transformers bf16 on the same GPU, with the matmul and memory (HBM roofline) bounds;
 #   2. few-shot CEM, one generation batched vs sequential (experiments/adapt_cem_benchmark.py);
-#   3. an RL update split into rollout / scoring / gradient (benchmarks/rl_step.py);
-#   4. decode on the Llama-3-8B architecture (the paper's model) at batch 1/32/256.
+#   3. an RL update split into rollout / scoring / gradient (benchmarks/rl_step.py), one process
+#      per gradient variant (sharing a process, the variants slowed each other 5-10x on the H200);
+#   4. decode on the Llama-3-8B architecture (the paper's model) at batch 1/32/256;
+#   5. (graphs) decode at batch 1/32, plain and fused, under three XLA command-buffer (CUDA graph)
+#      settings: the default, none, and the default plus WHILE and CONDITIONAL (the decode loop).
 #
+# PARTS (default: decode,cem,rl,llama8b) picks the parts by name, e.g. PARTS=graphs.
 # Each part runs under its own time limit and writes its own log under $OUT; a part that fails
 # or runs out of time leaves the others alone. Prepare the carried folder here first:
 #
@@ -44,6 +48,9 @@ else
   LIMIT=0
 fi
 
+PARTS=${PARTS:-decode,cem,rl,llama8b}
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
+
 part() {  # part NAME SECONDS COMMAND...: one check, its log in $OUT/NAME.txt
   local name=$1 seconds=$2
   shift 2
@@ -65,14 +72,31 @@ part() {  # part NAME SECONDS COMMAND...: one check, its log in $OUT/NAME.txt
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >>"$OUT/suite.txt"
 
-part decode_qwen 170 $PY benchmarks/decode.py --model "$QWEN" --batch-sizes $BATCHES \
-  --new-tokens $NEW --dtypes bf16
-part cem_qwen 110 $PY experiments/adapt_cem_benchmark.py --model "$QWEN" --task arc_challenge \
-  --shots $SHOTS --population $POP --max-new-tokens $CEM_NEW
-# shellcheck disable=SC2086
-part rl_qwen 130 $PY benchmarks/rl_step.py --model "$QWEN" --task gsm8k --steps 2 \
-  --variants "before: merged, lm_head on every position;auto;factored" $RL_SET
-if [ "${SUITE_SMOKE:-0}" != 1 ]; then
+want decode && part decode_qwen 170 $PY benchmarks/decode.py --model "$QWEN" \
+  --batch-sizes $BATCHES --new-tokens $NEW --dtypes bf16
+want cem && part cem_qwen 110 $PY experiments/adapt_cem_benchmark.py --model "$QWEN" \
+  --task arc_challenge --shots $SHOTS --population $POP --max-new-tokens $CEM_NEW
+if want rl; then
+  for variant in "before: merged, lm_head on every position" auto factored; do
+    # shellcheck disable=SC2086
+    part "rl_qwen_${variant%%:*}" 100 $PY benchmarks/rl_step.py --model "$QWEN" --task gsm8k \
+      --steps 3 --variants "$variant" $RL_SET
+  done
+fi
+if want graphs; then
+  GRAPH_BATCHES=${BATCHES%,*}  # 1,32 (1 in the smoke)
+  COMMAND_BUFFERS="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+  for setting in default none while; do
+    case $setting in
+      default) flags="" ;;
+      none) flags="--xla_gpu_enable_command_buffer=" ;;
+      while) flags="--xla_gpu_enable_command_buffer=$COMMAND_BUFFERS" ;;
+    esac
+    part "graphs_$setting" 120 env XLA_FLAGS="$flags" $PY benchmarks/decode.py --model "$QWEN" \
+      --batch-sizes "$GRAPH_BATCHES" --new-tokens $NEW --dtypes bf16 --skip-transformers --fused
+  done
+fi
+if want llama8b && [ "${SUITE_SMOKE:-0}" != 1 ]; then
   # The paper's Llama-3-8B architecture with SmolLM2's tokenizer (its ids fit Llama-3's vocab).
   $PY - "$CARRY/arch/smollm2-135m-instruct" "$LLAMA_DIR" <<'EOF'
 import json, pathlib, shutil, sys

@@ -12,6 +12,9 @@ gradient before issue 17's RL work (merged, as the official code, with the lm_he
 position). One untimed
 warm-up step compiles everything; the figures are medians over `--steps` timed steps.
 
+On a GPU, time each variant in its own process (one name in `--variants`): on the H200, variants
+sharing a process slowed each other 5-10x (docs/gpu.md), which interleaving cannot even out.
+
 The configuration is the `cpu` preset of `experiments/configs/svf.py` (batch 32, 128 new tokens,
 microbatches of 8), overridable with `--set KEY=VALUE`.
 

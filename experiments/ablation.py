@@ -33,6 +33,7 @@ from t2jax.checkpoints import load_checkpoint
 from t2jax.config import ModelSection
 from t2jax.evaluation import (
     SAMPLES_FILE,
+    anonymous_id,
     evaluate_model,
     paired_comparison,
     read_records,
@@ -215,15 +216,18 @@ def cell(base_dir: pathlib.Path, arm_dir: pathlib.Path) -> dict:
 
 
 def item_results(root: pathlib.Path, rows: list[dict]) -> dict:
-    """{arm: {column: {item id: 1 if correct else 0}}}: the per-item evidence behind the table,
-    small enough to keep when the run directories are gone."""
+    """{arm: {column: {anonymous item id: 1 if correct else 0}}}: the per-item evidence behind
+    the table, small enough to keep when the run directories are gone, naming no benchmark item
+    (`evaluation.anonymous_id`)."""
     results = {}
     for row in rows:
         for column in ("test", "unseen"):
             records = read_records(root / row["arm"] / column / SAMPLES_FILE)
-            results.setdefault(row["arm"], {})[column] = {
-                item: int(record["correct"]) for item, record in sorted(records.items())
-            }
+            results.setdefault(row["arm"], {})[column] = dict(
+                sorted(
+                    (anonymous_id(item), int(record["correct"])) for item, record in records.items()
+                )
+            )
     return results
 
 

@@ -69,8 +69,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--records",
         default=None,
-        help="also copy every finished cell here without prompts, outputs or answers (small "
-        "enough to commit, no benchmark content; copied back into --out, a later run resumes)",
+        help="also copy every finished cell here without prompts, outputs, answers or item "
+        "names (ids hashed; small enough to commit, no benchmark content; copied back into "
+        "--out, a later run resumes and pairs new cells with them)",
     )
     parser.add_argument("--restart", action="store_true", help="recompute finished cells")
     parser.add_argument(
@@ -124,16 +125,24 @@ def write_reports(
 
 
 # What a committed record keeps of a sample record: what the tables, the paired differences and
-# the confusion matrices read, and nothing of the benchmark (no prompt, gold answer or reason).
-COMPACT_FIELDS = ("id", "route", "category", "classification", "correct", "reward")
+# the confusion matrices read, and nothing of the benchmark (no prompt, gold answer, reason or
+# item name: the id is hashed by `evaluation.anonymous_id`).
+COMPACT_FIELDS = ("route", "category", "classification", "correct", "reward")
 
 
 def compact_record(record: dict) -> dict:
-    """`record` reduced to COMPACT_FIELDS, with `extracted` blanked to "" (None stays None): it
-    keeps whether an answer was extracted (`evaluation.paired_comparison` reads that) without
-    the answer, which for code tasks repeats the benchmark's prompt."""
+    """`record` reduced to its `evaluation.anonymous_id` and COMPACT_FIELDS, with `extracted`
+    blanked to "" (None stays None): it keeps whether an answer was extracted
+    (`evaluation.paired_difference` reads that) without the answer, which for code tasks repeats
+    the benchmark's prompt. Compacting a compact record changes nothing."""
     compact = {name: record[name] for name in COMPACT_FIELDS if name in record}
-    return {**compact, "extracted": None if record.get("extracted") is None else ""}
+    extracted = None if record.get("extracted") is None else ""
+    return {"id": evaluation.anonymous_id(record["id"]), **compact, "extracted": extracted}
+
+
+def compact_by_id(records: list[dict]) -> dict[str, dict]:
+    """`compact_record` of each record, by anonymous id."""
+    return {compact["id"]: compact for compact in map(compact_record, records)}
 
 
 def write_compact_cell(cell_dir: pathlib.Path, records_dir: pathlib.Path) -> None:
@@ -186,7 +195,11 @@ def main() -> None:
             cell_records, summary = read_cell(cell_dir)
             base_dir = out / "base" / task_name
             if method != "base" and (base_dir / "summary.json").exists():
-                summary["vs_base"] = evaluation.paired_comparison(base_dir, cell_dir)
+                # Compacted, a cell run here pairs with a base cell seeded from --records.
+                base_records, _ = read_cell(base_dir)
+                summary["vs_base"] = evaluation.paired_difference(
+                    compact_by_id(base_records), compact_by_id(cell_records)
+                )
             records.setdefault(method, {})[task_name] = cell_records
             summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")

@@ -13,11 +13,12 @@ plus extra fields; `run_summary`) and `summary.md` (a markdown table of the summ
 `evaluate` appends records to `samples.jsonl` (and flushes them to disk) as each batch is scored,
 so a crash loses at most the batch in flight; running again with the same `out_dir` skips the ids
 already recorded (`resume=True`). Callers that score a whole run at once write it with
-`write_run`; `paired_comparison` compares two runs item by item.
+`write_run`; `paired_comparison` compares two runs item by item (`paired_difference`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -66,6 +67,17 @@ def read_records(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         record = json.loads(line)
         records[record["id"]] = record
     return records
+
+
+ANONYMOUS_PREFIX = "item-"
+
+
+def anonymous_id(item_id: str) -> str:
+    """An item's id as records meant to be committed keep it: a hash, so that they name no
+    benchmark item yet pair the same item across runs; an id already anonymous is kept."""
+    if item_id.startswith(ANONYMOUS_PREFIX):
+        return item_id
+    return ANONYMOUS_PREFIX + hashlib.sha256(item_id.encode()).hexdigest()[:16]
 
 
 def sample_record(
@@ -259,12 +271,19 @@ def write_run(
 def paired_comparison(
     base_dir: str | os.PathLike, other_dir: str | os.PathLike
 ) -> dict[str, float] | None:
-    """Accuracy difference (other - base) on the items two runs' records share, with the standard
-    error of the paired per-item difference, and both accuracies counting only completions with an
-    extracted answer (no fallback guesses); None when the records are missing (e.g. on processes
-    that do not write)."""
+    """`paired_difference` of the records two run directories hold; None when they share no
+    item (e.g. records missing on processes that do not write)."""
     base = read_records(pathlib.Path(base_dir) / SAMPLES_FILE)
     other = read_records(pathlib.Path(other_dir) / SAMPLES_FILE)
+    return paired_difference(base, other)
+
+
+def paired_difference(
+    base: Mapping[str, Mapping[str, Any]], other: Mapping[str, Mapping[str, Any]]
+) -> dict[str, float] | None:
+    """Accuracy difference (other - base) on the items two sets of scored records (by id) share,
+    with the standard error of the paired per-item difference, and both accuracies counting only
+    completions with an extracted answer (no fallback guesses); None when they share no item."""
     shared = sorted(set(base) & set(other))
     if not shared:
         return None

@@ -6,6 +6,7 @@ two-pass pipeline end to end through `t2jax adapt`."""
 import json
 import pathlib
 import runpy
+import shutil
 import sys
 
 import jax
@@ -688,10 +689,23 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     assert len(compact) == 2 and {"correct", "category", "extracted"} <= set(compact[0])
     assert not {"prompt", "output", "gold", "reason"} & set(compact[0])
     assert {record["extracted"] for record in compact} <= {"", None}
+    full = read_jsonl(tmp_path / "cls" / "arc_challenge" / "samples.jsonl")
+    assert all(record["id"].startswith("item-") for record in compact)
+    assert not {record["id"] for record in full} & {record["id"] for record in compact}
     out = argv.index("--out") + 1
     monkeypatch.setattr(sys, "argv", [*argv[:out], str(records), *argv[out + 1 :], "--report-only"])
     runpy.run_path(str(script), run_name="__main__")
-    assert json.loads((records / "table2.json").read_text())["rows"][1]["method"] == "cls"
+    seeded = json.loads((records / "table2.json").read_text())
+    assert seeded["rows"][1]["method"] == "cls"
+
+    # A cell run after seeding --out from the records (hashed ids) still pairs with their base.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(records / "base", mixed / "base")
+    shutil.copytree(tmp_path / "cls", mixed / "cls")
+    monkeypatch.setattr(sys, "argv", [*argv[:out], str(mixed), *argv[out + 1 :], "--report-only"])
+    runpy.run_path(str(script), run_name="__main__")
+    cls_cell = json.loads((mixed / "table2.json").read_text())["rows"][1]["cells"]["arc_challenge"]
+    assert cls_cell["difference"] == seeded["rows"][1]["cells"]["arc_challenge"]["difference"]
 
     # --report-only runs nothing: a method without finished cells gets no row.
     methods = argv.index("--methods") + 1
