@@ -33,7 +33,10 @@ def card(run: pathlib.Path, name: str, command: str, machine: str, notes: str) -
     test = summary.get("test_vs_base")
     if test is None:
         raise SystemExit(f"{run} has no test_vs_base in summary.json: train with a test split")
-    separation = test["difference"] / max(test["difference_standard_error"], 1e-12)
+    # With a paired SE of 0 every test item moved the same way: no ratio, the sign decides.
+    error = test["difference_standard_error"]
+    separation = test["difference"] / error if error > 0 else None
+    aim_met = test["difference"] > 0 if separation is None else separation > AIM_STANDARD_ERRORS
     return {
         "model": config["model"]["name"],
         "name": name,
@@ -53,7 +56,7 @@ def card(run: pathlib.Path, name: str, command: str, machine: str, notes: str) -
         "valid": summary.get("valid_vs_base"),
         "test": test,
         "test_standard_errors": separation,
-        "aim_met": separation > AIM_STANDARD_ERRORS,
+        "aim_met": aim_met,
         "validation_curve": [
             {"step": m["step"], "accuracy": m["eval/valid/accuracy"]}
             for m in metrics
@@ -89,10 +92,14 @@ def markdown(card: dict) -> str:
                 f"{percent(result['accuracy'])} | {100 * result['difference']:+.1f} ± "
                 f"{100 * result['difference_standard_error']:.1f} points |"
             )
+    separation = (
+        f"{card['test_standard_errors']:.1f} SE"
+        if card["test_standard_errors"] is not None
+        else "paired SE 0: every test item moved the same way"
+    )
     lines += [
         "",
-        f"Aim (test difference > {AIM_STANDARD_ERRORS:g} paired SE): {aim} "
-        f"({card['test_standard_errors']:.1f} SE).",
+        f"Aim (test difference > {AIM_STANDARD_ERRORS:g} paired SE): {aim} ({separation}).",
         "",
         "Validation accuracy per evaluation: "
         + ", ".join(f"{percent(e['accuracy'])} (step {e['step']})" for e in curve),
