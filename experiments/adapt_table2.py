@@ -9,6 +9,8 @@ Each cell is written to OUT/METHOD/TASK (samples.jsonl, summary.json) as soon as
 rerun with the same --out reuses finished cells (--restart recomputes them), and the tables and
 plots are built from those files (--report-only rebuilds them from whatever cells are done).
 Each strategy's cell also gives its paired difference from the base cell (same items).
+--records FILE keeps every finished cell in one small JSON file (no benchmark content) and seeds
+the missing cells of --out from it, so a new machine resumes from the committed file.
 
     nice -n 19 python experiments/adapt_table2.py --model qwen2.5-coder-0.5b-instruct \\
         --experts builtin --cls-expert builtin --prompt-dispatch calibrated --limit 100 \\
@@ -22,7 +24,7 @@ import dataclasses
 import json
 import pathlib
 
-from t2jax import evaluation, reports
+from t2jax import evaluation, files, reports
 from t2jax.adaptation import pipeline as adapt
 from t2jax.adaptation.config import AdaptOptions, add_few_shot_arguments, few_shot_config
 from t2jax.adaptation.dispatch import dispatch_confusion
@@ -69,9 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--records",
         default=None,
-        help="also copy every finished cell here without prompts, outputs, answers or item "
-        "names (ids hashed; small enough to commit, no benchmark content; copied back into "
-        "--out, a later run resumes and pairs new cells with them)",
+        help="a JSON file that also keeps every finished cell without prompts, outputs, "
+        "answers or item names (ids hashed; small enough to commit, no benchmark content); "
+        "cells kept there and missing from --out are written back into it and reused",
     )
     parser.add_argument("--restart", action="store_true", help="recompute finished cells")
     parser.add_argument(
@@ -145,12 +147,19 @@ def compact_by_id(records: list[dict]) -> dict[str, dict]:
     return {compact["id"]: compact for compact in map(compact_record, records)}
 
 
-def write_compact_cell(cell_dir: pathlib.Path, records_dir: pathlib.Path) -> None:
-    """A finished cell's summary and its records reduced by `compact_record`
-    (`evaluation.write_run`: each file atomically)."""
+def read_stored_cells(records_file: pathlib.Path) -> dict[str, dict[str, dict]]:
+    """The cells kept in a --records file: {method: {task: {"summary", "records"}}}."""
+    return json.loads(records_file.read_text()) if records_file.exists() else {}
+
+
+def store_compact_cell(records_file: pathlib.Path, method: str, task: str, cell_dir) -> None:
+    """Adds a finished cell (its summary and its records reduced by `compact_record`) to the
+    --records file, rewritten atomically."""
+    cells = read_stored_cells(records_file)
     cell_records, summary = read_cell(cell_dir)
     compact = [compact_record(record) for record in cell_records]
-    evaluation.write_run(records_dir, compact, summary, reports.run_markdown)
+    cells.setdefault(method, {})[task] = {"summary": summary, "records": compact}
+    files.write_json_atomically(records_file, cells)
 
 
 def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathlib.Path) -> None:
@@ -174,6 +183,8 @@ def main() -> None:
     args = parse_args()
     few_shot = few_shot_config(args)
     out = pathlib.Path(args.out)
+    records_file = pathlib.Path(args.records) if args.records else None
+    stored_cells = read_stored_cells(records_file) if records_file else {}
     model = None  # loaded when the first cell has to run
     records: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, dict]] = {}
@@ -181,6 +192,12 @@ def main() -> None:
         for method in args.methods.split(","):
             cell_dir = out / method / task_name
             finished = (cell_dir / "summary.json").exists()
+            stored = stored_cells.get(method, {}).get(task_name)
+            if stored and not finished and not args.restart:
+                evaluation.write_run(
+                    cell_dir, stored["records"], stored["summary"], reports.run_markdown
+                )
+                finished = True
             if args.report_only and not finished:
                 print(f"{method} {task_name}: not run")
                 continue
@@ -203,8 +220,8 @@ def main() -> None:
             records.setdefault(method, {})[task_name] = cell_records
             summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
-            if args.records:
-                write_compact_cell(cell_dir, pathlib.Path(args.records) / method / task_name)
+            if records_file:
+                store_compact_cell(records_file, method, task_name, cell_dir)
     expert_names = tuple(expert_paths(args.model, args.experts))
     write_reports(out, args.model, expert_names, records, summaries)
 

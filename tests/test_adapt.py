@@ -680,12 +680,12 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     table = json.loads((tmp_path / "table2.json").read_text())
     assert table["rows"][1]["cells"]["arc_challenge"]["accuracy"] == 0.123
 
-    # --records copies the finished cells without prompts and outputs; seeded from them, a run
-    # reuses them.
-    records = tmp_path / "records"
+    # --records keeps the finished cells in one file without prompts, outputs or item names; a
+    # run in an empty directory seeded from it reuses them.
+    records = tmp_path / "records.json"
     monkeypatch.setattr(sys, "argv", [*argv, "--report-only", "--records", str(records)])
     runpy.run_path(str(script), run_name="__main__")
-    compact = read_jsonl(records / "cls" / "arc_challenge" / "samples.jsonl")
+    compact = json.loads(records.read_text())["cls"]["arc_challenge"]["records"]
     assert len(compact) == 2 and {"correct", "category", "extracted"} <= set(compact[0])
     assert not {"prompt", "output", "gold", "reason"} & set(compact[0])
     assert {record["extracted"] for record in compact} <= {"", None}
@@ -693,17 +693,20 @@ def test_table2_script_writes_cells_and_reuses_them(setup, tmp_path, monkeypatch
     assert all(record["id"].startswith("item-") for record in compact)
     assert not {record["id"] for record in full} & {record["id"] for record in compact}
     out = argv.index("--out") + 1
-    monkeypatch.setattr(sys, "argv", [*argv[:out], str(records), *argv[out + 1 :], "--report-only"])
+    seeded_dir = tmp_path / "seeded"
+    with_records = [*argv[out + 1 :], "--report-only", "--records", str(records)]
+    monkeypatch.setattr(sys, "argv", [*argv[:out], str(seeded_dir), *with_records])
     runpy.run_path(str(script), run_name="__main__")
-    seeded = json.loads((records / "table2.json").read_text())
+    seeded = json.loads((seeded_dir / "table2.json").read_text())
     assert seeded["rows"][1]["method"] == "cls"
 
     # A cell run after seeding --out from the records (hashed ids) still pairs with their base.
     mixed = tmp_path / "mixed"
-    shutil.copytree(records / "base", mixed / "base")
     shutil.copytree(tmp_path / "cls", mixed / "cls")
-    monkeypatch.setattr(sys, "argv", [*argv[:out], str(mixed), *argv[out + 1 :], "--report-only"])
+    monkeypatch.setattr(sys, "argv", [*argv[:out], str(mixed), *with_records])
     runpy.run_path(str(script), run_name="__main__")
+    seeded_base = read_jsonl(mixed / "base" / "arc_challenge" / "samples.jsonl")
+    assert seeded_base[0]["id"].startswith("item-")
     cls_cell = json.loads((mixed / "table2.json").read_text())["rows"][1]["cells"]["arc_challenge"]
     assert cls_cell["difference"] == seeded["rows"][1]["cells"]["arc_challenge"]["difference"]
 
