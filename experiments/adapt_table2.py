@@ -152,10 +152,11 @@ def read_stored_cells(records_file: pathlib.Path) -> dict[str, dict[str, dict]]:
     return json.loads(records_file.read_text()) if records_file.exists() else {}
 
 
-def store_compact_cell(records_file: pathlib.Path, method: str, task: str, cell_dir) -> None:
-    """Adds a finished cell (its summary and its records reduced by `compact_record`) to the
-    --records file, rewritten atomically."""
-    cells = read_stored_cells(records_file)
+def store_compact_cell(
+    records_file: pathlib.Path, cells: dict[str, dict[str, dict]], method: str, task: str, cell_dir
+) -> None:
+    """Puts a finished cell (its summary and its records reduced by `compact_record`) into
+    `cells`, the --records file's contents, and rewrites that file atomically."""
     cell_records, summary = read_cell(cell_dir)
     compact = [compact_record(record) for record in cell_records]
     cells.setdefault(method, {})[task] = {"summary": summary, "records": compact}
@@ -221,7 +222,7 @@ def main() -> None:
             summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
             if records_file:
-                store_compact_cell(records_file, method, task_name, cell_dir)
+                store_compact_cell(records_file, stored_cells, method, task_name, cell_dir)
     expert_names = tuple(expert_paths(args.model, args.experts))
     write_reports(out, args.model, expert_names, records, summaries)
 
