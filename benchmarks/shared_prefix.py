@@ -3,7 +3,7 @@ the classification prompt (the official dispatch prompt as the system message, t
 user message) for requests of MATH, HumanEval and ARC-Challenge, greedy, in the same run.
 
     python benchmarks/shared_prefix.py [--model qwen2.5-coder-0.5b-instruct] [--requests 32]
-        [--max-new-tokens 64] [--repeats 3]
+        [--max-new-tokens 64] [--repeats 3] [--tasks math,humaneval,arc_challenge]
 
 "plain" prefills every row's whole prompt (`SamplerConfig(min_shared_prefix=0)`); "shared"
 prefills the tokens the rows share once (`t2jax.prefill.prefill_shared`, the default). Each
@@ -63,7 +63,7 @@ def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
     print("| task | requests | plain s | shared s | speedup | same category | max |d log-lik| |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     totals = {name: 0.0 for name in models}
-    for task_name, split in TABLE3_TASKS:
+    for task_name, split in args.tasks:
         examples = get_task(task_name).load(split, data_dir=args.data_dir)[: args.requests]
         questions = [e.question for e in examples]
         median, dispatches = interleaved(
@@ -91,6 +91,15 @@ def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
     )
 
 
+def selected_tasks(names: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """The (task, split) pairs of TABLE3_TASKS named in `names`, in table order."""
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = wanted - {name for name, _ in TABLE3_TASKS}
+    if unknown or not wanted:
+        parser.error(f"--tasks: choose from {', '.join(n for n, _ in TABLE3_TASKS)}; got {names!r}")
+    return [(name, split) for name, split in TABLE3_TASKS if name in wanted]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -102,7 +111,13 @@ def main(argv=None) -> None:
         "--experts", default=None, help="NAME=PATH,... or builtin: adds the likelihood dispatch"
     )
     parser.add_argument("--skip-generate", action="store_true", help="only the likelihood table")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(name for name, _ in TABLE3_TASKS),
+        help="comma-separated subset of the Table 3 tasks",
+    )
     args = parser.parse_args(argv)
+    args.tasks = selected_tasks(args.tasks, parser)
     loaded = load_model(args.model, progress=False)
     machine = platform.processor() or platform.machine()
     print(f"{args.model}, {jax.devices()[0].platform}, {machine}")
@@ -125,7 +140,7 @@ def generate_table(loaded: LoadedModel, args: argparse.Namespace) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     totals = {name: 0.0 for name in samplers}
-    for task_name, split in TABLE3_TASKS:
+    for task_name, split in args.tasks:
         task = get_task(task_name)
         examples = task.load(split, data_dir=args.data_dir)[: args.requests]
         prompts = [classification_prompt(loaded.tokenizer, e.question) for e in examples]
