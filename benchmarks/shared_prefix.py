@@ -94,9 +94,11 @@ def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
 def selected_tasks(names: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     """The (task, split) pairs of TABLE3_TASKS named in `names`, in table order."""
     wanted = {name.strip() for name in names.split(",") if name.strip()}
-    unknown = wanted - {name for name, _ in TABLE3_TASKS}
+    known = [name for name, _ in TABLE3_TASKS]
+    unknown = sorted(wanted - set(known))
     if unknown or not wanted:
-        parser.error(f"--tasks: choose from {', '.join(n for n, _ in TABLE3_TASKS)}; got {names!r}")
+        problem = f"unknown {', '.join(unknown)}" if unknown else "no task named"
+        parser.error(f"--tasks {names!r}: {problem}; choose from {', '.join(known)}")
     return [(name, split) for name, split in TABLE3_TASKS if name in wanted]
 
 
