@@ -153,14 +153,20 @@ def read_stored_cells(records_file: pathlib.Path) -> dict[str, dict[str, dict]]:
 
 
 def store_compact_cell(
-    records_file: pathlib.Path, cells: dict[str, dict[str, dict]], method: str, task: str, cell_dir
+    records_file: pathlib.Path,
+    cells: dict[str, dict[str, dict]],
+    method: str,
+    task: str,
+    cell_records: list[dict],
+    summary: dict,
 ) -> None:
     """Puts a finished cell (its summary and its records reduced by `compact_record`) into
-    `cells`, the --records file's contents, and rewrites that file atomically."""
-    cell_records, summary = read_cell(cell_dir)
-    compact = [compact_record(record) for record in cell_records]
-    cells.setdefault(method, {})[task] = {"summary": summary, "records": compact}
-    files.write_json_atomically(records_file, cells)
+    `cells`, the --records file's contents, and rewrites that file atomically if the cell is new
+    or changed."""
+    cell = {"summary": summary, "records": [compact_record(record) for record in cell_records]}
+    if cells.get(method, {}).get(task) != cell:
+        cells.setdefault(method, {})[task] = cell
+        files.write_json_atomically(records_file, cells)
 
 
 def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathlib.Path) -> None:
@@ -211,6 +217,10 @@ def main() -> None:
                     (out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
                 run_cell(model, args, few_shot, task_name, method, cell_dir)
             cell_records, summary = read_cell(cell_dir)
+            if records_file:  # the summary as written, before the vs-base pairing below
+                store_compact_cell(
+                    records_file, stored_cells, method, task_name, cell_records, dict(summary)
+                )
             base_dir = out / "base" / task_name
             if method != "base" and (base_dir / "summary.json").exists():
                 # Compacted, a cell run here pairs with a base cell seeded from --records.
@@ -221,8 +231,6 @@ def main() -> None:
             records.setdefault(method, {})[task_name] = cell_records
             summaries.setdefault(method, {})[task_name] = summary
             print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
-            if records_file:
-                store_compact_cell(records_file, stored_cells, method, task_name, cell_dir)
     expert_names = tuple(expert_paths(args.model, args.experts))
     write_reports(out, args.model, expert_names, records, summaries)
 
