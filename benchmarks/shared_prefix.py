@@ -91,14 +91,15 @@ def likelihood_table(model: ExpertModel, args: argparse.Namespace) -> None:
     )
 
 
-def selected_tasks(names: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
-    """The (task, split) pairs of TABLE3_TASKS named in `names`, in table order."""
+def table3_tasks(names: str) -> list[tuple[str, str]]:
+    """The (task, split) pairs of TABLE3_TASKS named in the comma-separated `names`, in table
+    order (the --tasks argument type)."""
     wanted = {name.strip() for name in names.split(",") if name.strip()}
     known = [name for name, _ in TABLE3_TASKS]
     unknown = sorted(wanted - set(known))
     if unknown or not wanted:
         problem = f"unknown {', '.join(unknown)}" if unknown else "no task named"
-        parser.error(f"--tasks {names!r}: {problem}; choose from {', '.join(known)}")
+        raise argparse.ArgumentTypeError(f"{problem}; choose from {', '.join(known)}")
     return [(name, split) for name, split in TABLE3_TASKS if name in wanted]
 
 
@@ -115,11 +116,11 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-generate", action="store_true", help="only the likelihood table")
     parser.add_argument(
         "--tasks",
+        type=table3_tasks,
         default=",".join(name for name, _ in TABLE3_TASKS),
         help="comma-separated subset of the Table 3 tasks",
     )
     args = parser.parse_args(argv)
-    args.tasks = selected_tasks(args.tasks, parser)
     loaded = load_model(args.model, progress=False)
     machine = platform.processor() or platform.machine()
     print(f"{args.model}, {jax.devices()[0].platform}, {machine}")
