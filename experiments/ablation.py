@@ -12,10 +12,15 @@ task's token budget (`TOKEN_BUDGETS`; 32 tokens for ARC as the shipped reasoning
 lives in OUT/TASK/ARM/ (run directory, then test/ and unseen/ records); a killed command resumes
 where it stopped (training from its checkpoint, evaluations from their records). The table goes to
 OUT/TASK/table.md and table.json: accuracy, difference to base with its paired standard error,
-trainable parameters, training wall time; items.json keeps every arm's per-item correctness.
+trainable parameters, training wall time; items.json keeps every arm's per-item correctness
+(under anonymous ids) and recipe.json the settings every arm shares. --records DIR keeps those
+files where they can be committed: arms finished there are neither trained nor evaluated again,
+their rows and items are read from DIR, and DIR is rewritten with every finished arm, so a table
+that takes several sessions survives a lost machine.
 
     T2JAX_DATA=../shared/data python experiments/ablation.py --task arc_easy --out runs/ablation
-    python experiments/ablation.py --task gsm8k --arms base,svf-pg-mlp,lora-ntp-attention
+    python experiments/ablation.py --task gsm8k --arms base,svf-pg-mlp,lora-ntp-attention \\
+        --records experiments/records/ablation/gsm8k
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import pathlib
 import time
 
-from t2jax import configuration
+from t2jax import configuration, files
 from t2jax.adapted import Choice
 from t2jax.adapters import peft_format
 from t2jax.checkpoints import load_checkpoint
@@ -35,7 +40,7 @@ from t2jax.evaluation import (
     SAMPLES_FILE,
     anonymous_id,
     evaluate_model,
-    paired_comparison,
+    paired_statistics,
     read_records,
     standard_error,
 )
@@ -93,6 +98,27 @@ RECIPE = {
     "task.rows_per_call": 50,
 }
 TOKEN_BUDGETS = {"arc_easy": 32, "gsm8k": 256}
+COLUMNS = ("test", "unseen")
+OUTPUT_FILES = ("table.md", "table.json", "items.json", "recipe.json")
+
+
+def token_budget(args: argparse.Namespace) -> int:
+    """The answer budget of training and of both test columns."""
+    return args.max_new_tokens or TOKEN_BUDGETS[args.task]
+
+
+def shared_recipe(args: argparse.Namespace) -> dict:
+    """The settings every arm of one table shares (recipe.json): arms run with other settings
+    do not belong in the same table."""
+    return {
+        "model": args.model,
+        "task": args.task,
+        "max_new_tokens": token_budget(args),
+        "test_n": args.test_n,
+        "unseen_n": args.unseen_n,
+        **RECIPE,
+        "rl.num_iters": args.updates,
+    }
 
 
 def arm_config(name: str, args: argparse.Namespace) -> rl_config.TrainConfig:
@@ -106,7 +132,7 @@ def arm_config(name: str, args: argparse.Namespace) -> rl_config.TrainConfig:
         "model.name": args.model,
         "task.name": args.task,
         "task.data_dir": args.data_dir,
-        "task.max_new_tokens": args.max_new_tokens or TOKEN_BUDGETS[args.task],
+        "task.max_new_tokens": token_budget(args),
         "rl.num_iters": args.updates,
         "rl.objective": arm.objective,
         "rl.lr": arm.lr,
@@ -142,9 +168,12 @@ def evaluate_columns(sampler: Sampler, directory: pathlib.Path, args) -> dict[st
     with the training task's token budget (the answer format the arms were trained for)."""
     results = {}
     unseen_task, unseen_split = UNSEEN[args.task]
-    for column, task_name, split, size in (
-        ("test", args.task, "test", args.test_n),
-        ("unseen", unseen_task, unseen_split, args.unseen_n),
+    for column, task_name, split, size in zip(
+        COLUMNS,
+        (args.task, unseen_task),
+        ("test", unseen_split),
+        (args.test_n, args.unseen_n),
+        strict=True,
     ):
         task = get_task(task_name)
         examples = task.load(split, data_dir=args.data_dir)[:size]
@@ -154,7 +183,7 @@ def evaluate_columns(sampler: Sampler, directory: pathlib.Path, args) -> dict[st
             examples,
             directory / column,
             RECIPE["task.rows_per_call"],
-            args.max_new_tokens or TOKEN_BUDGETS[args.task],
+            token_budget(args),
             config={"split": split, "limit": size},
         )
     return results
@@ -180,7 +209,7 @@ def run_base(args) -> None:
 
 def finished(directory: pathlib.Path) -> bool:
     """Whether an arm (or base) has both columns evaluated."""
-    return all((directory / column / "summary.json").exists() for column in ("test", "unseen"))
+    return all((directory / column / "summary.json").exists() for column in COLUMNS)
 
 
 def arm_row(name: str, args, model_config) -> dict:
@@ -202,16 +231,25 @@ def arm_row(name: str, args, model_config) -> dict:
     }
 
 
-def cell(base_dir: pathlib.Path, arm_dir: pathlib.Path) -> dict:
-    """Accuracy of an arm's column and its paired difference to base."""
-    records = json.loads((arm_dir / "summary.json").read_text())
+def cell(base_items: dict[str, int], arm_items: dict[str, int], is_base: bool) -> dict:
+    """Accuracy of an arm's column, from its per-item correctness (`item_results`), and its
+    paired difference to base over the same items."""
+    correct = sum(arm_items.values())
     out = {
-        "accuracy": records["accuracy"],
-        "standard_error": standard_error(records["correct"], records["n"]),
-        "n": records["n"],
+        "accuracy": correct / len(arm_items),
+        "standard_error": standard_error(correct, len(arm_items)),
+        "n": len(arm_items),
     }
-    if base_dir != arm_dir:
-        out["vs_base"] = paired_comparison(base_dir, arm_dir)
+    if not is_base:
+        if set(arm_items) != set(base_items):
+            raise SystemExit(
+                f"an arm answered other items than base ({len(arm_items)} vs "
+                f"{len(base_items)}); rerun both with the same --test-n / --unseen-n"
+            )
+        shared = sorted(base_items)
+        out["vs_base"] = paired_statistics(
+            [base_items[i] for i in shared], [arm_items[i] for i in shared]
+        )
     return out
 
 
@@ -221,7 +259,7 @@ def item_results(root: pathlib.Path, rows: list[dict]) -> dict:
     (`evaluation.anonymous_id`)."""
     results = {}
     for row in rows:
-        for column in ("test", "unseen"):
+        for column in COLUMNS:
             records = read_records(root / row["arm"] / column / SAMPLES_FILE)
             results.setdefault(row["arm"], {})[column] = dict(
                 sorted(
@@ -231,9 +269,8 @@ def item_results(root: pathlib.Path, rows: list[dict]) -> dict:
     return results
 
 
-def table(rows: list[dict], args) -> str:
-    """The Markdown table of Table 4's shape."""
-    root = args.out / args.task
+def table(rows: list[dict], items: dict, args) -> str:
+    """The Markdown table of Table 4's shape; fills each row's test and unseen cells (`cell`)."""
     unseen = UNSEEN[args.task][0]
     lines = [
         f"| arm | method | objective | modules | #params | {args.task} test | vs base "
@@ -242,8 +279,8 @@ def table(rows: list[dict], args) -> str:
     ]
     for row in rows:
         columns = []
-        for column in ("test", "unseen"):
-            result = cell(root / "base" / column, root / row["arm"] / column)
+        for column in COLUMNS:
+            result = cell(items["base"][column], items[row["arm"]][column], row["arm"] == "base")
             row[column] = result
             columns.append(f"{100 * result['accuracy']:.1f} ± {100 * result['standard_error']:.1f}")
             comparison = result.get("vs_base")
@@ -263,6 +300,62 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass
+class Stored:
+    """The rows and per-item correctness of the arms a --records directory holds."""
+
+    rows: dict[str, dict]
+    items: dict[str, dict]
+
+
+def read_stored(directory: pathlib.Path | None, recipe: dict) -> Stored:
+    """The arms finished in a --records directory (none when it is None or empty); a directory
+    written with other shared settings is an error naming them."""
+    if directory is None or not (directory / "table.json").exists():
+        return Stored({}, {})
+    try:
+        stored_recipe = json.loads((directory / "recipe.json").read_text())
+        rows = json.loads((directory / "table.json").read_text())
+        items = json.loads((directory / "items.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--records {directory}: unreadable ({error})") from error
+    differing = sorted(
+        key
+        for key in recipe.keys() | stored_recipe.keys()
+        if recipe.get(key) != stored_recipe.get(key)
+    )
+    if differing:
+        raise SystemExit(
+            f"--records {directory} holds arms run with other settings: "
+            + ", ".join(
+                f"{key} {stored_recipe.get(key)} there, {recipe.get(key)} here" for key in differing
+            )
+        )
+    by_arm = {row["arm"]: row for row in rows}
+    unknown = sorted(set(by_arm) - {"base", *ARMS})
+    if unknown or set(by_arm) != set(items):
+        raise SystemExit(
+            f"--records {directory}: rows {sorted(by_arm)} and items {sorted(items)} "
+            f"do not name the same known arms"
+        )
+    return Stored(by_arm, items)
+
+
+def write_outputs(
+    directory: pathlib.Path, markdown: str, rows: list[dict], items: dict, recipe: dict
+) -> None:
+    """OUTPUT_FILES in directory, each replaced atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = (
+        markdown,
+        json.dumps(rows, indent=2) + "\n",
+        json.dumps(items) + "\n",
+        json.dumps(recipe, indent=2) + "\n",
+    )
+    for name, text in zip(OUTPUT_FILES, texts, strict=True):
+        files.write_text_atomically(directory / name, text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(UNSEEN), default="arc_easy")
@@ -275,6 +368,13 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/ablation"))
     parser.add_argument(
+        "--records",
+        type=pathlib.Path,
+        default=None,
+        help="directory of committed results: its finished arms are not rerun, and it is "
+        "rewritten with every arm finished here",
+    )
+    parser.add_argument(
         "--report", action="store_true", help="only write the table of the arms already finished"
     )
     args = parser.parse_args(argv)
@@ -284,20 +384,34 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown arms {unknown}; use base or {sorted(ARMS)}")
     if names[0] != "base":
         names.insert(0, "base")  # every difference is against the base model's answers
-    began = time.perf_counter()
-    if not args.report:
-        for name in names:
-            if name == "base":
-                run_base(args)
-            else:
-                run_arm(name, args)
+    recipe = shared_recipe(args)
+    stored = read_stored(args.records, recipe)
     root = args.out / args.task
-    model_config = load_checkpoint(args.model, progress=False).config
-    rows = [arm_row(name, args, model_config) for name in names if finished(root / name)]
-    markdown = table(rows, args)
-    (root / "table.md").write_text(markdown)
-    (root / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (root / "items.json").write_text(json.dumps(item_results(root, rows)) + "\n")
+    began = time.perf_counter()
+    for name in [] if args.report else names:
+        if name in stored.rows and not finished(root / name):
+            print(f"{name}: finished in {args.records}")
+        elif name == "base":
+            run_base(args)
+        else:
+            run_arm(name, args)
+    local = [name for name in ("base", *ARMS) if finished(root / name)]
+    if "base" not in local and "base" not in stored.rows:
+        raise SystemExit(f"base is not evaluated in {root} (run it: --arms base)")
+    model_config = load_checkpoint(args.model, progress=False).config if local[1:] else None
+    local_items = item_results(root, [{"arm": name} for name in local])
+    rows, items = [], {}
+    for name in ("base", *ARMS):  # every finished arm, here or stored
+        if name in local:
+            rows.append(arm_row(name, args, model_config))
+            items[name] = local_items[name]
+        elif name in stored.rows:
+            rows.append(stored.rows[name])
+            items[name] = stored.items[name]
+    markdown = table(rows, items, args)
+    write_outputs(root, markdown, rows, items, recipe)
+    if args.records:
+        write_outputs(args.records, markdown, rows, items, recipe)
     print(markdown)
     print(f"{root / 'table.md'} ({(time.perf_counter() - began) / 60:.1f} min)")
 

@@ -282,29 +282,49 @@ def paired_difference(
     base: Mapping[str, Mapping[str, Any]], other: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, float] | None:
     """Accuracy difference (other - base) on the items two sets of scored records (by id) share,
-    with the standard error of the paired per-item difference, and both accuracies counting only
-    completions with an extracted answer (no fallback guesses); None when they share no item."""
+    with the standard error of the paired per-item difference (`paired_statistics`), and both
+    accuracies counting only completions with an extracted answer (no fallback guesses); None
+    when they share no item."""
     shared = sorted(set(base) & set(other))
     if not shared:
         return None
-    differences = np.asarray(
-        [float(other[i]["correct"]) - float(base[i]["correct"]) for i in shared]
-    )
 
     def answered_accuracy(records):
         return float(
             np.mean([records[i]["correct"] and records[i]["extracted"] is not None for i in shared])
         )
 
+    statistics = paired_statistics(
+        [base[i]["correct"] for i in shared], [other[i]["correct"] for i in shared]
+    )
     return {
-        "n": len(shared),
-        "base_accuracy": float(np.mean([base[i]["correct"] for i in shared])),
-        "accuracy": float(np.mean([other[i]["correct"] for i in shared])),
+        **statistics,
         "base_answered_accuracy": answered_accuracy(base),
         "answered_accuracy": answered_accuracy(other),
+    }
+
+
+def paired_statistics(
+    base_correct: Sequence[float], other_correct: Sequence[float]
+) -> dict[str, float]:
+    """n, both accuracies, and their difference (other - base) with the standard error of the
+    paired per-item difference, from the correctness (0/1) of the same items in the same order."""
+    base_scores = np.asarray(base_correct, dtype=np.float64)  # [n]
+    other_scores = np.asarray(other_correct, dtype=np.float64)  # [n]
+    if base_scores.shape != other_scores.shape or base_scores.size == 0:
+        raise ValueError(
+            f"paired correctness needs the same non-empty items: {base_scores.size} vs "
+            f"{other_scores.size}"
+        )
+    differences = other_scores - base_scores  # [n]
+    n = differences.size
+    return {
+        "n": n,
+        "base_accuracy": float(base_scores.mean()),
+        "accuracy": float(other_scores.mean()),
         "difference": float(differences.mean()),
-        "difference_standard_error": float(differences.std(ddof=1) / math.sqrt(len(shared)))
-        if len(shared) > 1
+        "difference_standard_error": float(differences.std(ddof=1) / math.sqrt(n))
+        if n > 1
         else 0.0,
     }
 

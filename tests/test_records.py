@@ -1,8 +1,12 @@
 """Records meant to be committed name no benchmark item: `evaluation.anonymous_id` and the
 ablation's per-item evidence (`experiments/ablation.py`)."""
 
+import argparse
+import json
 import pathlib
 import runpy
+
+import pytest
 
 from t2jax import evaluation
 
@@ -32,3 +36,77 @@ def test_ablation_item_results_are_keyed_by_anonymous_ids(tmp_path):
     assert results["base"]["test"] == {mercury: 0, actaap: 1}
     assert results["lora"]["unseen"] == {mercury: 1, actaap: 1}
     assert list(results["base"]["test"]) == sorted(results["base"]["test"])
+
+
+def test_paired_statistics_match_the_closed_form():
+    statistics = evaluation.paired_statistics([1, 0, 1, 0], [1, 1, 1, 0])
+    # differences 0, 1, 0, 0: mean 1/4, sample std 1/2, standard error 1/2 / sqrt(4)
+    assert statistics == {
+        "n": 4,
+        "base_accuracy": 0.5,
+        "accuracy": 0.75,
+        "difference": 0.25,
+        "difference_standard_error": 0.25,
+    }
+
+
+def stored_ablation(directory, recipe, base, arm):
+    """A --records directory holding base and one arm's per-item correctness."""
+    directory.mkdir()
+    row = {"method": "svf", "objective": "rl", "modules": "mlp", "parameters": 7}
+    rows = [
+        {"arm": "base", "method": "base", "objective": "", "modules": "", "parameters": 0},
+        {"arm": "svf-pg-mlp", **row, "train_minutes": 2.0},
+    ]
+    items = {
+        name: {"test": correct, "unseen": correct}
+        for name, correct in (("base", base), ("svf-pg-mlp", arm))
+    }
+    for name, value in (("table.json", rows), ("items.json", items), ("recipe.json", recipe)):
+        (directory / name).write_text(json.dumps(value))
+
+
+def test_ablation_table_is_rebuilt_from_committed_records_alone(tmp_path, capsys):
+    ablation = runpy.run_path(str(ABLATION))
+    argv = [
+        "--task",
+        "arc_easy",
+        "--test-n",
+        "4",
+        "--unseen-n",
+        "4",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
+    recipe = ablation["shared_recipe"](
+        argparse.Namespace(
+            model="qwen2.5-coder-0.5b-instruct",
+            task="arc_easy",
+            updates=10,
+            max_new_tokens=None,
+            test_n=4,
+            unseen_n=4,
+        )
+    )
+    ids = [evaluation.anonymous_id(f"q{i}") for i in range(4)]
+    stored_ablation(
+        tmp_path / "records",
+        recipe,
+        dict(zip(ids, [1, 0, 1, 0], strict=True)),
+        dict(zip(ids, [1, 1, 1, 0], strict=True)),
+    )
+    # nothing runs: both arms are finished in --records, and the table comes from it alone
+    ablation["main"]([*argv, "--arms", "svf-pg-mlp", "--records", str(tmp_path / "records")])
+    rows = json.loads((tmp_path / "records" / "table.json").read_text())
+    assert [row["arm"] for row in rows] == ["base", "svf-pg-mlp"]
+    assert rows[1]["test"]["vs_base"]["difference"] == 0.25
+    assert rows[1]["unseen"]["vs_base"]["difference_standard_error"] == 0.25
+    assert (
+        "| svf-pg-mlp | svf | rl | MLP | 7 | 75.0 ± 21.7 | +25.0 ± 25.0 |"
+        in capsys.readouterr().out
+    )
+
+    with pytest.raises(SystemExit, match="test_n 4 there, 5 here"):
+        ablation["main"](
+            [*argv, "--test-n", "5", "--report", "--records", str(tmp_path / "records")]
+        )
