@@ -356,6 +356,30 @@ def write_outputs(
         files.write_text_atomically(directory / name, text)
 
 
+def report(args, recipe: dict, stored: Stored) -> str:
+    """The table of every arm finished under --out or in --records (`table`), written with its
+    evidence to OUT/TASK and to --records (`write_outputs`); returns its Markdown."""
+    root = args.out / args.task
+    local = [name for name in ("base", *ARMS) if finished(root / name)]
+    if "base" not in local and "base" not in stored.rows:
+        raise SystemExit(f"base is not evaluated in {root} (run it: --arms base)")
+    model_config = load_checkpoint(args.model, progress=False).config if local[1:] else None
+    local_items = item_results(root, [{"arm": name} for name in local])
+    rows, items = [], {}
+    for name in ("base", *ARMS):
+        if name in local:
+            rows.append(arm_row(name, args, model_config))
+            items[name] = local_items[name]
+        elif name in stored.rows:
+            rows.append(stored.rows[name])
+            items[name] = stored.items[name]
+    markdown = table(rows, items, args)
+    write_outputs(root, markdown, rows, items, recipe)
+    if args.records:
+        write_outputs(args.records, markdown, rows, items, recipe)
+    return markdown
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(UNSEEN), default="arc_easy")
@@ -391,28 +415,13 @@ def main(argv=None) -> None:
     for name in [] if args.report else names:
         if name in stored.rows and not finished(root / name):
             print(f"{name}: finished in {args.records}")
-        elif name == "base":
+            continue
+        if name == "base":
             run_base(args)
         else:
             run_arm(name, args)
-    local = [name for name in ("base", *ARMS) if finished(root / name)]
-    if "base" not in local and "base" not in stored.rows:
-        raise SystemExit(f"base is not evaluated in {root} (run it: --arms base)")
-    model_config = load_checkpoint(args.model, progress=False).config if local[1:] else None
-    local_items = item_results(root, [{"arm": name} for name in local])
-    rows, items = [], {}
-    for name in ("base", *ARMS):  # every finished arm, here or stored
-        if name in local:
-            rows.append(arm_row(name, args, model_config))
-            items[name] = local_items[name]
-        elif name in stored.rows:
-            rows.append(stored.rows[name])
-            items[name] = stored.items[name]
-    markdown = table(rows, items, args)
-    write_outputs(root, markdown, rows, items, recipe)
-    if args.records:
-        write_outputs(args.records, markdown, rows, items, recipe)
-    print(markdown)
+        report(args, recipe, stored)  # --records keeps every arm as soon as it finishes
+    print(report(args, recipe, stored))
     print(f"{root / 'table.md'} ({(time.perf_counter() - began) / 60:.1f} min)")
 
 
