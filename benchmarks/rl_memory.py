@@ -88,6 +88,11 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--task", default="gsm8k")
     parser.add_argument("--targets", default="mlp", help="SVF targets (svf.targets)")
+    parser.add_argument(
+        "--stacked",
+        action="store_true",
+        help="stacked layers (one lax.scan over layers) instead of the CPU's unrolled default",
+    )
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--length", type=int, default=448, help="positions per row")
     parser.add_argument("--tail", type=int, default=256, help="scored positions per row")
@@ -107,10 +112,15 @@ def main() -> None:
         "task.name": args.task,
         "rl.batch_size": args.rows,
         "svf.targets": args.targets,
+        "model.stacked": args.stacked or None,
     }
     setup = load_setup(configuration.with_overrides(rl_config.TrainConfig(), base))
     batch = policy_batch(args.rows, args.length, args.tail)
-    print(f"{args.model}, {args.rows} rows x {args.length} positions ({args.tail} scored)")
+    layout = "stacked" if args.stacked else "default"
+    print(
+        f"{args.model}, {args.rows} rows x {args.length} positions ({args.tail} scored), "
+        f"{layout} layers"
+    )
     print("| microbatch rows | remat | chunk | temp GiB | arguments GiB |")
     print("|---:|---|---:|---:|---:|")
     for variant in args.variants:

@@ -462,15 +462,22 @@ def forward(
             inv_freq,
         )
 
+    layers = weights.layers
+    svf_layers = None if svf is None else svf.layers
     if remat:
         step = jax.checkpoint(step)
-    svf_layers = None if svf is None else svf.layers
+        if cache is None:
+            # Unrolled, XLA:CPU schedules every layer's recomputation early and keeps all their
+            # activations (remat saved 2% of a Qwen-0.5B gradient's memory); a scan over the
+            # stacked layers recomputes one layer per backward iteration (3.5x less there).
+            layers = stack_layers(layers)
+            svf_layers = None if svf_layers is None else stack_layers(svf_layers)
     caches = None if cache is None else (cache.k, cache.v)
-    if is_stacked(weights.layers):
-        x, caches = jax.lax.scan(step, x, (weights.layers, svf_layers, caches))
+    if is_stacked(layers):
+        x, caches = jax.lax.scan(step, x, (layers, svf_layers, caches))
     else:
         new_caches = []
-        for i, layer in enumerate(weights.layers):
+        for i, layer in enumerate(layers):
             svf_layer = None if svf is None else layer_slice(svf_layers, i)
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, layer_cache = step(x, (layer, svf_layer, layer_cache))
