@@ -469,7 +469,7 @@ def forward(
         if cache is None:
             # Unrolled, XLA:CPU schedules every layer's recomputation early and keeps all their
             # activations (remat saved 2% of a Qwen-0.5B gradient's memory); a scan over the
-            # stacked layers recomputes one layer per backward iteration (3.5x less there).
+            # stacked layers recomputes one layer per backward iteration (9.89 -> 3.16 GiB there).
             layers = stack_layers(layers)
             svf_layers = None if svf_layers is None else stack_layers(svf_layers)
     caches = None if cache is None else (cache.k, cache.v)
