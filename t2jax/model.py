@@ -430,9 +430,8 @@ def forward(
             (`t2jax.adapters.core.ModelAdapters`), or None for the base model.
         empty_cache: `cache` holds nothing yet (a prefill): its slots are written but not
             attended to, which skips attention over S empty slots.
-        remat: recompute each layer's activations in the backward pass instead of keeping them
-            (`jax.checkpoint` per layer): training memory grows with one layer's activations
-            rather than all of them, for about one more forward pass of compute.
+        remat: recompute each layer's activations in the backward pass (`jax.checkpoint`, layers
+            scanned when there is no cache): one layer's activations kept, one more forward.
 
     Returns:
         hidden: [B, T, D] hidden states after the final norm (feed to `logits`).
@@ -462,16 +461,11 @@ def forward(
             inv_freq,
         )
 
-    layers = weights.layers
-    svf_layers = None if svf is None else svf.layers
-    if remat:
-        step = jax.checkpoint(step)
-        if cache is None:
-            # Unrolled, XLA:CPU schedules every layer's recomputation early and keeps all their
-            # activations (remat saved 2% of a Qwen-0.5B gradient's memory); a scan over the
-            # stacked layers recomputes one layer per backward iteration (9.89 -> 3.16 GiB there).
-            layers = stack_layers(layers)
-            svf_layers = None if svf_layers is None else stack_layers(svf_layers)
+    layers, svf_layers = weights.layers, None if svf is None else svf.layers
+    step = jax.checkpoint(step) if remat else step
+    if remat and cache is None:  # scanned: unrolled, XLA:CPU recomputes all layers early
+        layers = stack_layers(layers)
+        svf_layers = None if svf_layers is None else stack_layers(svf_layers)
     caches = None if cache is None else (cache.k, cache.v)
     if is_stacked(layers):
         x, caches = jax.lax.scan(step, x, (layers, svf_layers, caches))
