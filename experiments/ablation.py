@@ -255,15 +255,15 @@ def cell(base_items: dict[str, int], arm_items: dict[str, int], is_base: bool) -
     return out
 
 
-def item_results(root: pathlib.Path, rows: list[dict]) -> dict:
+def item_results(root: pathlib.Path, names: list[str]) -> dict:
     """{arm: {column: {anonymous item id: 1 if correct else 0}}}: the per-item evidence behind
     the table, small enough to keep when the run directories are gone, naming no benchmark item
     (`evaluation.anonymous_id`)."""
     results = {}
-    for row in rows:
+    for name in names:
         for column in COLUMNS:
-            records = read_records(root / row["arm"] / column / SAMPLES_FILE)
-            results.setdefault(row["arm"], {})[column] = dict(
+            records = read_records(root / name / column / SAMPLES_FILE)
+            results.setdefault(name, {})[column] = dict(
                 sorted(
                     (anonymous_id(item), int(record["correct"])) for item, record in records.items()
                 )
@@ -366,7 +366,7 @@ def report(args, recipe: dict, stored: Stored) -> str:
     if "base" not in local and "base" not in stored.rows:
         raise SystemExit(f"base is not evaluated in {root} (run it: --arms base)")
     model_config = load_checkpoint(args.model, progress=False).config if local[1:] else None
-    local_items = item_results(root, [{"arm": name} for name in local])
+    local_items = item_results(root, local)
     rows, items = [], {}
     for name in ("base", *ARMS):
         if name in local:
@@ -420,6 +420,7 @@ def main(argv=None) -> None:
     stored = read_stored(args.records, recipe)
     root = args.out / args.task
     began = time.perf_counter()
+    markdown = None
     for name in [] if args.report else names:
         if name in stored.rows and not finished(root / name):
             print(f"{name}: finished in {args.records}")
@@ -428,8 +429,8 @@ def main(argv=None) -> None:
             run_base(args)
         else:
             run_arm(name, args)
-        report(args, recipe, stored)  # --records keeps every arm as soon as it finishes
-    print(report(args, recipe, stored))
+        markdown = report(args, recipe, stored)  # --records keeps every arm as it finishes
+    print(markdown or report(args, recipe, stored))
     print(f"{root / 'table.md'} ({(time.perf_counter() - began) / 60:.1f} min)")
 
 

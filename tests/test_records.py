@@ -31,7 +31,7 @@ def test_ablation_item_results_are_keyed_by_anonymous_ids(tmp_path):
             ]
             (tmp_path / arm / column).mkdir(parents=True)
             evaluation.append_records(tmp_path / arm / column / evaluation.SAMPLES_FILE, records)
-    results = item_results(tmp_path, [{"arm": "base"}, {"arm": "lora"}])
+    results = item_results(tmp_path, ["base", "lora"])
     mercury, actaap = (evaluation.anonymous_id(i) for i in ("Mercury_7", "ACTAAP_2007_7_18"))
     assert results["base"]["test"] == {mercury: 0, actaap: 1}
     assert results["lora"]["unseen"] == {mercury: 1, actaap: 1}
