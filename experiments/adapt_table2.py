@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import pathlib
 
 from t2jax import evaluation, files, reports
 from t2jax.adaptation import pipeline as adapt
-from t2jax.adaptation.config import AdaptOptions, add_few_shot_arguments, few_shot_config
+from t2jax.adaptation.config import (
+    AdaptOptions,
+    FewShotConfig,
+    add_few_shot_arguments,
+    few_shot_config,
+)
 from t2jax.adaptation.dispatch import dispatch_confusion
 from t2jax.adaptation.expert_model import (
     ExpertModel,
@@ -147,92 +153,110 @@ def compact_by_id(records: list[dict]) -> dict[str, dict]:
     return {compact["id"]: compact for compact in map(compact_record, records)}
 
 
-def read_stored_cells(records_file: pathlib.Path) -> dict[str, dict[str, dict]]:
-    """The cells kept in a --records file: {method: {task: {"summary", "records"}}}."""
-    return json.loads(records_file.read_text()) if records_file.exists() else {}
+@dataclasses.dataclass
+class Cells:
+    """Where each cell's files come from: --out when finished there, else the --records file
+    (written back into --out), else a run here; the model loads when the first cell has to run."""
+
+    args: argparse.Namespace
+    few_shot: FewShotConfig
+    out: pathlib.Path
+    records_file: pathlib.Path | None
+    stored: dict[str, dict[str, dict]]  # the --records file: {method: {task: {summary, records}}}
+    model: ExpertModel | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Cells:
+        """The cells of the command line's --out and --records."""
+        records_file = pathlib.Path(args.records) if args.records else None
+        stored = (
+            json.loads(records_file.read_text()) if records_file and records_file.exists() else {}
+        )
+        return cls(args, few_shot_config(args), pathlib.Path(args.out), records_file, stored)
+
+    def directory(self, method: str, task: str) -> pathlib.Path:
+        """OUT/METHOD/TASK: the cell's samples.jsonl and summary.json."""
+        return self.out / method / task
+
+    def finished(self, method: str, task: str) -> bool:
+        """Whether the cell's files are in --out, written there from --records if only kept there
+        (not under --restart)."""
+        cell_dir = self.directory(method, task)
+        if (cell_dir / "summary.json").exists():
+            return True
+        kept = self.stored.get(method, {}).get(task)
+        if kept is None or self.args.restart:
+            return False
+        evaluation.write_run(cell_dir, kept["records"], kept["summary"], reports.run_markdown)
+        return True
+
+    def run(self, method: str, task_name: str) -> None:
+        """Runs one method on one task's reported items and writes the cell's files."""
+        print(f"{method} {task_name}: running {self.args.limit} items", flush=True)
+        if self.model is None:
+            self.model = load_expert_model(self.args)
+            self.out.mkdir(parents=True, exist_ok=True)
+            options = {**vars(self.args), "few_shot": dataclasses.asdict(self.few_shot)}
+            (self.out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
+        task = get_task(task_name)
+        options = AdaptOptions(
+            max_new_tokens=self.args.max_new_tokens,
+            rows_per_call=self.args.rows_per_call,
+            classify_max_new_tokens=self.args.classify_max_new_tokens,
+            dispatch=getattr(self.args, f"{method}_dispatch", "generate"),
+            few_shot=self.few_shot,
+        )
+        items = task.load("test", data_dir=self.args.data_dir)
+        run = adapt.evaluate_method(
+            self.model, method, task, items, options, limit=self.args.limit, progress=True
+        )
+        adapt.write_run(self.directory(method, task_name), run, task)
+
+    def keep(self, method: str, task: str, cell_records: list[dict], summary: dict) -> None:
+        """Puts a finished cell (its summary and its records reduced by `compact_record`) into the
+        --records file, rewritten atomically if the cell is new or changed."""
+        if self.records_file is None:
+            return
+        cell = {"summary": summary, "records": [compact_record(record) for record in cell_records]}
+        if self.stored.get(method, {}).get(task) != cell:
+            self.stored.setdefault(method, {})[task] = cell
+            files.write_json_atomically(self.records_file, self.stored)
 
 
-def store_compact_cell(
-    records_file: pathlib.Path,
-    cells: dict[str, dict[str, dict]],
-    method: str,
-    task: str,
-    cell_records: list[dict],
-    summary: dict,
-) -> None:
-    """Puts a finished cell (its summary and its records reduced by `compact_record`) into
-    `cells`, the --records file's contents, and rewrites that file atomically if the cell is new
-    or changed."""
-    cell = {"summary": summary, "records": [compact_record(record) for record in cell_records]}
-    if cells.get(method, {}).get(task) != cell:
-        cells.setdefault(method, {})[task] = cell
-        files.write_json_atomically(records_file, cells)
-
-
-def run_cell(model, args, few_shot, task_name: str, method: str, cell_dir: pathlib.Path) -> None:
-    """Runs one method on one task's reported items and writes the cell's files."""
-    task = get_task(task_name)
-    items = task.load("test", data_dir=args.data_dir)
-    options = AdaptOptions(
-        max_new_tokens=args.max_new_tokens,
-        rows_per_call=args.rows_per_call,
-        classify_max_new_tokens=args.classify_max_new_tokens,
-        dispatch=getattr(args, f"{method}_dispatch", "generate"),
-        few_shot=few_shot,
-    )
-    run = adapt.evaluate_method(
-        model, method, task, items, options, limit=args.limit, progress=True
-    )
-    adapt.write_run(cell_dir, run, task)
+def paired_with_base(
+    out: pathlib.Path, method: str, task: str, cell_records: list[dict]
+) -> dict | None:
+    """The cell's paired difference from its task's base cell (None for base itself or without
+    a base cell). Compacted ids let a cell run here pair with a base seeded from --records."""
+    base_dir = out / "base" / task
+    if method == "base" or not (base_dir / "summary.json").exists():
+        return None
+    base_records, _ = read_cell(base_dir)
+    return evaluation.paired_difference(compact_by_id(base_records), compact_by_id(cell_records))
 
 
 def main() -> None:
     args = parse_args()
-    few_shot = few_shot_config(args)
-    out = pathlib.Path(args.out)
-    records_file = pathlib.Path(args.records) if args.records else None
-    stored_cells = read_stored_cells(records_file) if records_file else {}
-    model = None  # loaded when the first cell has to run
+    cells = Cells.from_args(args)
     records: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, dict]] = {}
-    for task_name in args.tasks.split(","):
-        for method in args.methods.split(","):
-            cell_dir = out / method / task_name
-            finished = (cell_dir / "summary.json").exists()
-            stored = stored_cells.get(method, {}).get(task_name)
-            if stored and not finished and not args.restart:
-                evaluation.write_run(
-                    cell_dir, stored["records"], stored["summary"], reports.run_markdown
-                )
-                finished = True
-            if args.report_only and not finished:
-                print(f"{method} {task_name}: not run")
-                continue
-            if args.restart or not finished:
-                print(f"{method} {task_name}: running {args.limit} items", flush=True)
-                if model is None:
-                    model = load_expert_model(args)
-                    out.mkdir(parents=True, exist_ok=True)
-                    options = {**vars(args), "few_shot": dataclasses.asdict(few_shot)}
-                    (out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
-                run_cell(model, args, few_shot, task_name, method, cell_dir)
-            cell_records, summary = read_cell(cell_dir)
-            if records_file:  # the summary as written, before the vs-base pairing below
-                store_compact_cell(
-                    records_file, stored_cells, method, task_name, cell_records, dict(summary)
-                )
-            base_dir = out / "base" / task_name
-            if method != "base" and (base_dir / "summary.json").exists():
-                # Compacted, a cell run here pairs with a base cell seeded from --records.
-                base_records, _ = read_cell(base_dir)
-                summary["vs_base"] = evaluation.paired_difference(
-                    compact_by_id(base_records), compact_by_id(cell_records)
-                )
-            records.setdefault(method, {})[task_name] = cell_records
-            summaries.setdefault(method, {})[task_name] = summary
-            print(f"{method} {task_name}: {summary['accuracy']:.4f} (n={summary['n']})")
+    for task, method in itertools.product(args.tasks.split(","), args.methods.split(",")):
+        finished = cells.finished(method, task)
+        if args.report_only and not finished:
+            print(f"{method} {task}: not run")
+            continue
+        if args.restart or not finished:
+            cells.run(method, task)
+        cell_records, summary = read_cell(cells.directory(method, task))
+        cells.keep(method, task, cell_records, dict(summary))  # as written: no vs_base
+        vs_base = paired_with_base(cells.out, method, task, cell_records)
+        if vs_base is not None:
+            summary["vs_base"] = vs_base
+        records.setdefault(method, {})[task] = cell_records
+        summaries.setdefault(method, {})[task] = summary
+        print(f"{method} {task}: {summary['accuracy']:.4f} (n={summary['n']})")
     expert_names = tuple(expert_paths(args.model, args.experts))
-    write_reports(out, args.model, expert_names, records, summaries)
+    write_reports(cells.out, args.model, expert_names, records, summaries)
 
 
 def load_expert_model(args) -> ExpertModel:
