@@ -365,7 +365,8 @@ def report(args, recipe: dict, stored: Stored) -> str:
     local = [name for name in ("base", *ARMS) if finished(root / name)]
     if "base" not in local and "base" not in stored.rows:
         raise SystemExit(f"base is not evaluated in {root} (run it: --arms base)")
-    model_config = load_checkpoint(args.model, progress=False).config if local[1:] else None
+    trained = [name for name in local if name != "base"]  # their rows count parameters
+    model_config = load_checkpoint(args.model, progress=False).config if trained else None
     local_items = item_results(root, local)
     rows, items = [], {}
     for name in ("base", *ARMS):

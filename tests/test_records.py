@@ -7,8 +7,10 @@ import pathlib
 import runpy
 
 import pytest
+import tiny
 
 from t2jax import evaluation
+from t2jax.rl.run_dir import SUMMARY_FILE
 
 ABLATION = pathlib.Path(__file__).parents[1] / "experiments" / "ablation.py"
 
@@ -110,3 +112,36 @@ def test_ablation_table_is_rebuilt_from_committed_records_alone(tmp_path, capsys
         ablation["main"](
             [*argv, "--test-n", "5", "--report", "--records", str(tmp_path / "records")]
         )
+
+
+def test_ablation_table_joins_an_arm_finished_here_to_a_committed_base(tmp_path):
+    """The GSM8K table's case: base read from --records, an arm trained and evaluated here."""
+    ablation = runpy.run_path(str(ABLATION))
+    tiny.save_tiny_checkpoint(tmp_path / "model", "qwen2_tied")
+    arguments = dict(model=str(tmp_path / "model"), task="arc_easy", test_n=2, unseen_n=2)
+    recipe = ablation["shared_recipe"](
+        argparse.Namespace(**arguments, updates=10, max_new_tokens=None)
+    )
+    ids = [evaluation.anonymous_id(f"q{i}") for i in range(2)]
+    stored_ablation(tmp_path / "records", recipe, dict.fromkeys(ids, 0), dict.fromkeys(ids, 0))
+    table = json.loads((tmp_path / "records" / "table.json").read_text())[:1]  # base only
+    (tmp_path / "records" / "table.json").write_text(json.dumps(table))
+    items = json.loads((tmp_path / "records" / "items.json").read_text())
+    (tmp_path / "records" / "items.json").write_text(json.dumps({"base": items["base"]}))
+    arm = tmp_path / "runs" / "arc_easy" / "svf-pg-mlp"
+    arm.mkdir(parents=True)
+    (arm / SUMMARY_FILE).write_text(json.dumps({"train_seconds": 60.0, "steps": 10}))
+    for column in ("test", "unseen"):
+        (arm / column).mkdir()
+        (arm / column / "summary.json").write_text("{}")
+        records = [{"id": f"q{i}", "correct": True} for i in range(2)]
+        evaluation.append_records(arm / column / evaluation.SAMPLES_FILE, records)
+
+    argv = ["--model", arguments["model"], "--test-n", "2", "--unseen-n", "2", "--report"]
+    ablation["main"](
+        [*argv, "--out", str(tmp_path / "runs"), "--records", str(tmp_path / "records")]
+    )
+    rows = json.loads((tmp_path / "records" / "table.json").read_text())
+    assert [row["arm"] for row in rows] == ["base", "svf-pg-mlp"]
+    assert rows[1]["parameters"] > 0 and rows[1]["train_minutes"] == 1.0
+    assert rows[1]["test"]["vs_base"]["difference"] == 1.0
