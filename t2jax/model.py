@@ -488,11 +488,8 @@ def forward(
 def logits(weights: Weights, hidden: Array) -> Array:
     """Vocabulary logits [..., V] in fp32 from hidden states [..., D]."""
     if weights.lm_head is None:  # tied: contract with the [V, D] embedding, no transposed copy
-        head, spec = weights.embed, "...d,vd->...v"
-    else:
-        head, spec = weights.lm_head, "...d,dv->...v"
-    hidden = hidden.astype(head.dtype)  # [..., D] (bf16 weights keep the fast bf16 matmul)
-    return jnp.einsum(spec, hidden, head, preferred_element_type=jnp.float32)  # [..., V]
+        return ops.dot_fp32(hidden, weights.embed, transposed=True)  # [..., V]
+    return ops.dot_fp32(hidden, weights.lm_head)  # [..., V]
 
 
 def positions_from_mask(token_mask: Array) -> Array:

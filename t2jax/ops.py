@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+
+from t2jax import native
 
 Array = jax.Array
 
 
+def dot_fp32(x: Array, kernel: Array, transposed: bool = False) -> Array:
+    """x [..., in] @ kernel [in, out] (kernel [out, in] when `transposed`) in the kernel's dtype
+    with fp32 accumulation, returned in fp32. One row times a bf16 kernel (decoding at batch 1)
+    goes to the native CPU kernel (`t2jax.native.rowdot`), which streams the weights faster
+    than XLA:CPU's dot."""
+    x_low = x.astype(kernel.dtype)  # [..., in]
+    dot = native.rowdot if native.wants_rowdot(x_low, kernel) else native.xla_dot
+    return dot(x_low, kernel, transposed)  # [..., out]
+
+
 def matmul(x: Array, kernel: Array) -> Array:
-    """x [..., in] @ kernel [in, out] in the kernel's dtype with fp32 accumulation.
+    """x [..., in] @ kernel [in, out] in the kernel's dtype with fp32 accumulation (`dot_fp32`).
 
     The result comes back in x's dtype. With bf16 weights and fp32 activations (the CPU policy,
     see `t2jax.model.activation_dtype`) this keeps XLA:CPU's fast bf16 matmuls while everything
     around them stays fp32.
     """
-    out = jnp.einsum(
-        "...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32
-    )  # [..., out]
-    return out.astype(x.dtype)
+    return dot_fp32(x, kernel).astype(x.dtype)  # [..., out]

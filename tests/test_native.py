@@ -1,0 +1,135 @@
+"""The native CPU row-times-matrix kernel (`t2jax.native`) against XLA's dot, and where the
+decoder uses it."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny
+
+from t2jax import loading, model, native, ops
+from t2jax.checkpoints import load_checkpoint
+from t2jax.sampler import Sampler
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
+)
+
+
+@pytest.fixture
+def fresh_availability():
+    """`rowdot_available` decided again by the test, and again after it."""
+    native.rowdot_available.cache_clear()
+    yield
+    native.rowdot_available.cache_clear()
+
+
+def bf16_pair(rows: int, depth: int, width: int, transposed: bool, seed: int = 0):
+    x_key, w_key = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(x_key, (rows, 1, depth), jnp.bfloat16)  # [rows, 1, in]
+    shape = (width, depth) if transposed else (depth, width)
+    return x, jax.random.normal(w_key, shape, jnp.bfloat16)
+
+
+@needs_compiler
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(("rows", "depth", "width"), [(1, 576, 1536), (2, 37, 101), (5, 130, 7)])
+def test_rowdot_matches_xla_dot(rows, depth, width, transposed):
+    assert native.rowdot_available()
+    x, kernel = bf16_pair(rows, depth, width, transposed)
+    lowered = jax.jit(native.rowdot, static_argnums=2).lower(x, kernel, transposed)
+    assert native.TARGET in lowered.as_text()  # the kernel, not a fallback
+    out = lowered.compile()(x, kernel)  # [rows, 1, width]
+    expected = native.xla_dot(x, kernel, transposed)
+    assert out.shape == expected.shape == (rows, 1, width) and out.dtype == jnp.float32
+    # Both accumulate exact bf16 products in fp32; only the summation order differs.
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=1e-5 * scale)
+
+
+@needs_compiler
+def test_rowdot_in_a_loop_and_its_gradient():
+    x, kernel = bf16_pair(1, 64, 96, transposed=False)
+
+    def looped(dot, x, kernel):
+        def body(_, carry):
+            return carry + dot(x + carry[..., :64].astype(x.dtype), kernel) * 1e-3
+
+        return jax.lax.fori_loop(0, 3, body, jnp.zeros((1, 1, 96), jnp.float32))
+
+    fast = jax.jit(lambda x, k: looped(native.rowdot, x, k))(x, kernel)
+    slow = jax.jit(lambda x, k: looped(native.xla_dot, x, k))(x, kernel)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-6)
+
+    def loss(dot, x, kernel):
+        return (dot(x, kernel) ** 2).sum()
+
+    grads = jax.grad(lambda x, k: loss(native.rowdot, x, k), argnums=(0, 1))(x, kernel)
+    expected = jax.grad(lambda x, k: loss(native.xla_dot, x, k), argnums=(0, 1))(x, kernel)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@needs_compiler
+def test_matmul_takes_the_kernel_for_one_bf16_row_only():
+    x, kernel = bf16_pair(1, 32, 48, transposed=False)
+    x = x.astype(jnp.float32)  # the CPU's activations; matmul rounds them to the kernel's dtype
+
+    def lowered(x, kernel):
+        return jax.jit(ops.matmul).lower(x, kernel).as_text()
+
+    assert native.TARGET in lowered(x, kernel)
+    assert native.TARGET not in lowered(jnp.concatenate([x, x]), kernel)  # two rows
+    assert native.TARGET not in lowered(x, kernel.astype(jnp.float32))  # fp32 weights
+    np.testing.assert_allclose(
+        np.asarray(ops.matmul(x, kernel)),
+        np.asarray(native.xla_dot(x.astype(jnp.bfloat16), kernel)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_disabled_or_unbuildable_kernel_leaves_xla_dot(fresh_availability, monkeypatch, caplog):
+    x, kernel = bf16_pair(1, 16, 8, transposed=False)
+    monkeypatch.setenv(native.ENABLE_ENV, "0")
+    assert not native.rowdot_available()
+    np.testing.assert_array_equal(
+        np.asarray(native.rowdot(x, kernel)), np.asarray(native.xla_dot(x, kernel))
+    )
+
+    native.rowdot_available.cache_clear()
+    monkeypatch.delenv(native.ENABLE_ENV)
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    with caplog.at_level("WARNING", logger="t2jax.native"):
+        assert not native.rowdot_available()
+    assert "native rowdot kernel unavailable" in caplog.text
+
+
+@needs_compiler
+def test_greedy_decoding_at_batch_one_is_unchanged_by_the_kernel(
+    fresh_availability, monkeypatch, tmp_path
+):
+    tiny.save_tiny_checkpoint(tmp_path, "qwen2_tied", seed=3)
+    checkpoint = load_checkpoint(str(tmp_path), progress=False)
+    weights = loading.weights_from_hf(
+        checkpoint.config, checkpoint.tensors, dtype=jnp.bfloat16, stacked=False
+    )
+    sampler = Sampler(checkpoint.config, weights, checkpoint.tokenizer, [tiny.VOCAB_SIZE - 1])
+    hidden = jnp.zeros((1, 1, checkpoint.config.hidden_size), jnp.float32)  # [B, T, D]
+
+    def greedy() -> tuple[list[int], str]:
+        jax.clear_caches()  # the kernel is chosen when a program is traced
+        ids = sampler.generate(["Hello there"], max_new_tokens=12, ignore_eos=True).token_ids[0]
+        return list(ids), jax.jit(model.logits).lower(weights, hidden).as_text()
+
+    with_kernel, text = greedy()
+    assert native.TARGET in text  # the tied head [V, D] too
+    native.rowdot_available.cache_clear()
+    monkeypatch.setenv(native.ENABLE_ENV, "0")
+    without_kernel, text = greedy()
+    assert native.TARGET not in text
+    assert len(with_kernel) == 12 and with_kernel == without_kernel
