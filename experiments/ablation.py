@@ -423,8 +423,9 @@ def main(argv=None) -> None:
     began = time.perf_counter()
     markdown = None
     for name in [] if args.report else names:
-        if name in stored.rows and not finished(root / name):
-            print(f"{name}: finished in {args.records}")
+        if finished(root / name) or name in stored.rows:
+            where = root / name if finished(root / name) else args.records
+            print(f"{name}: finished in {where}")
             continue
         if name == "base":
             run_base(args)
