@@ -68,6 +68,9 @@ def test_rowdot_in_a_loop_and_its_gradient():
     def loss(dot, x, kernel):
         return (dot(x, kernel) ** 2).sum()
 
+    batched = jax.vmap(native.rowdot, in_axes=(None, 0))(x, jnp.stack([kernel, -kernel]))
+    np.testing.assert_allclose(np.asarray(batched[1]), -np.asarray(batched[0]))
+
     grads = jax.grad(lambda x, k: loss(native.rowdot, x, k), argnums=(0, 1))(x, kernel)
     expected = jax.grad(lambda x, k: loss(native.xla_dot, x, k), argnums=(0, 1))(x, kernel)
     for got, want in zip(grads, expected, strict=True):

@@ -119,9 +119,9 @@ def _rowdot_call(x: Array, kernel: Array, transposed: bool) -> Array:
         return xla_dot(x, kernel, transposed)
     rows = x.reshape(-1, x.shape[-1])  # [M, in]
     width = kernel.shape[0] if transposed else kernel.shape[1]
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], width), jnp.float32))(
-        rows, kernel, transposed=transposed
-    )  # [M, out]
+    result = jax.ShapeDtypeStruct((rows.shape[0], width), jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")  # vmapped: one call each
+    out = call(rows, kernel, transposed=transposed)  # [M, out]
     return out.reshape(*x.shape[:-1], width)  # [..., out]
 
 
