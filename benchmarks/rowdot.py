@@ -40,7 +40,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="896x4864,4864x896,896x151936")
     parser.add_argument("--rows", default="1,2,4,8")
-    parser.add_argument("--matrices", type=int, default=24, help="of 5M weights' bytes each")
+    parser.add_argument(
+        "--matrices", type=int, default=24, help="weights per case, in units of 5M (120M: 240 MB)"
+    )
     parser.add_argument("--steps", type=int, default=4, help="passes per timed call")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
