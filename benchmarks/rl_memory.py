@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import jax.numpy as jnp
 
@@ -35,15 +36,13 @@ class Variant:
     @classmethod
     def parse(cls, text: str) -> Variant:
         """'ROWS:on|off:CHUNK', e.g. '4:off:64'."""
-        try:
-            rows, remat, chunk = text.split(":")
-            if remat not in ("on", "off"):
-                raise ValueError(remat)
-            return cls(int(rows), remat == "on", int(chunk))
-        except ValueError as error:
+        match = re.fullmatch(r"(\d+):(on|off):(\d+)", text)
+        if match is None:
             raise argparse.ArgumentTypeError(
                 f"variant {text!r}: use ROWS:on|off:CHUNK, e.g. 4:off:64"
-            ) from error
+            )
+        rows, remat, chunk = match.groups()
+        return cls(int(rows), remat == "on", int(chunk))
 
     def overrides(self) -> dict:
         """The `TrainConfig` overrides of this variant."""

@@ -423,9 +423,9 @@ def main(argv=None) -> None:
     began = time.perf_counter()
     markdown = None
     for name in [] if args.report else names:
-        if finished(root / name) or name in stored.rows:
-            where = root / name if finished(root / name) else args.records
-            print(f"{name}: finished in {where}")
+        done_here = finished(root / name)
+        if done_here or name in stored.rows:
+            print(f"{name}: finished in {root / name if done_here else args.records}")
             continue
         if name == "base":
             run_base(args)

@@ -178,9 +178,9 @@ class Cells:
         """OUT/METHOD/TASK: the cell's samples.jsonl and summary.json."""
         return self.out / method / task
 
-    def finished(self, method: str, task: str) -> bool:
-        """Whether the cell's files are in --out, written there from --records if only kept there
-        (not under --restart)."""
+    def restored(self, method: str, task: str) -> bool:
+        """Whether the cell's files are in --out, after writing them there from --records when
+        only kept there (not under --restart)."""
         cell_dir = self.directory(method, task)
         if (cell_dir / "summary.json").exists():
             return True
@@ -196,8 +196,8 @@ class Cells:
         if self.model is None:
             self.model = load_expert_model(self.args)
             self.out.mkdir(parents=True, exist_ok=True)
-            options = {**vars(self.args), "few_shot": dataclasses.asdict(self.few_shot)}
-            (self.out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
+            settings = {**vars(self.args), "few_shot": dataclasses.asdict(self.few_shot)}
+            (self.out / "options.json").write_text(json.dumps(settings, indent=2) + "\n")
         task = get_task(task_name)
         options = AdaptOptions(
             max_new_tokens=self.args.max_new_tokens,
@@ -241,7 +241,7 @@ def main() -> None:
     records: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, dict]] = {}
     for task, method in itertools.product(args.tasks.split(","), args.methods.split(",")):
-        finished = cells.finished(method, task)
+        finished = cells.restored(method, task)
         if args.report_only and not finished:
             print(f"{method} {task}: not run")
             continue

@@ -1,13 +1,13 @@
 """Native CPU kernels, compiled on first use with the host's C++ compiler and called through
 `jax.ffi`.
 
-`rowdot` multiplies a few rows by a bf16 matrix (`rowdot.cc`): at batch 1 XLA:CPU's bf16 dot
-streams the weights at a fraction of the memory bandwidth (docs/performance.md). The library is
-built once per source, compiler and jaxlib into the t2jax cache (`-O3 -march=native`, written
-atomically) and registered for the CPU platform only; `ops.matmul` takes it for bf16 kernels of
-at most `ROWDOT_MAX_ROWS` rows when it is available, and lowers to XLA's dot on every other
-platform. Without a compiler, on a build error, or with `T2JAX_NATIVE=0`, everything stays on
-XLA's dot (a build error is logged once).
+`rowdot` multiplies rows by a bf16 matrix (`rowdot.cc`): at batch 1 XLA:CPU's bf16 dot streams
+the weights at a fraction of the memory bandwidth (docs/performance.md). The library is built
+once per source, compiler, flags, jax version and host into the t2jax cache (`-O3
+-march=native`, written atomically) and registered for the CPU platform only; `ops.dot_fp32`
+takes it for bf16 kernels times at most `ROWDOT_MAX_ROWS` rows when it is available, and every
+other platform lowers to XLA's dot. Without a compiler, on a build error, or with
+`T2JAX_NATIVE=0`, everything stays on XLA's dot (a build error is logged once).
 """
 
 from __future__ import annotations
