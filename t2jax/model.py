@@ -308,18 +308,20 @@ def _project_group(
     svf_layer: LayerAdaptation | None,
 ) -> list[Array]:
     """`_project` of each member of group `fused_name` (`FUSED_GROUPS`, output widths `widths`).
-    Unfused layers project member by member. Fused ones run one matmul (+ bias) for the group and
-    split it, unless a member is adapted: then each member projects on its own, with its column
-    slice of the fused kernel (and bias) as its dense kernel."""
-    names = FUSED_GROUPS[fused_name]
-    if fused_name not in layer:
-        return [_project(x, layer, name, svf_layer) for name in names]
-    kernel, bias = layer[fused_name], layer.get(f"{fused_name}.bias")  # [D, sum], [sum]
+    Unadapted, a fused kernel runs one matmul (+ bias), split, and unfused members one call for
+    all (`ops.matmul_group`). With a member adapted, members project one by one, those of a fused
+    layer with their column slice of the fused kernel (and bias) as their dense kernel."""
+    names, fused = FUSED_GROUPS[fused_name], fused_name in layer
     ends = list(itertools.accumulate(widths))
     if svf_layer is None or not any(name in svf_layer.targets for name in names):
-        out = ops.matmul(x, kernel)  # [B, T, sum(widths)]
-        out = out if bias is None else out + bias  # [B, T, sum(widths)]
-        return jnp.split(out, ends[:-1], axis=-1)  # [B, T, width] each
+        members = [fused_name] if fused else names
+        outs = ops.matmul_group(x, [layer[name] for name in members])  # [B, T, out] each
+        biases = [layer.get(f"{name}.bias") for name in members]
+        outs = [out if b is None else out + b for out, b in zip(outs, biases, strict=True)]
+        return jnp.split(outs[0], ends[:-1], axis=-1) if fused else outs  # [B, T, width] each
+    if not fused:
+        return [_project(x, layer, name, svf_layer) for name in names]
+    kernel, bias = layer[fused_name], layer.get(f"{fused_name}.bias")  # [D, sum], [sum]
     outs = []
     for name, start, end in zip(names, [0, *ends[:-1]], ends, strict=True):
         member = {name: kernel[:, start:end]}  # [D, width]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import jax
+import jax.numpy as jnp
 
 from t2jax import native
 
@@ -27,3 +31,14 @@ def matmul(x: Array, kernel: Array) -> Array:
     around them stays fp32.
     """
     return dot_fp32(x, kernel).astype(x.dtype)  # [..., out]
+
+
+def matmul_group(x: Array, kernels: Sequence[Array]) -> list[Array]:
+    """`matmul` of x [..., in] by each of kernels [in, out_i] (q, k and v; gate and up). One row
+    times bf16 kernels takes one native call for all of them (`t2jax.native.rowdot`)."""
+    x_low = x.astype(kernels[0].dtype)  # [..., in]
+    if len(kernels) == 1 or not native.wants_rowdot(x_low, *kernels):
+        return [matmul(x, kernel) for kernel in kernels]
+    out = native.rowdot(x_low, tuple(kernels)).astype(x.dtype)  # [..., sum(out_i)]
+    ends = list(itertools.accumulate(kernel.shape[1] for kernel in kernels))
+    return jnp.split(out, ends[:-1], axis=-1)  # [..., out_i] each

@@ -3,6 +3,7 @@ decoder uses it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 
 import jax
@@ -37,7 +38,11 @@ def bf16_pair(rows: int, depth: int, width: int, transposed: bool, seed: int = 0
 
 @needs_compiler
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize(("rows", "depth", "width"), [(1, 576, 1536), (2, 37, 101), (5, 130, 7)])
+@pytest.mark.parametrize(
+    ("rows", "depth", "width"),
+    # depth sliced; narrow rows (prefetched); wider than one tile's sums; odd shapes and tails
+    [(1, 1536, 576), (1, 576, 1536), (1, 300, 9000), (2, 37, 101), (5, 130, 7), (3, 2, 2731)],
+)
 def test_rowdot_matches_xla_dot(rows, depth, width, transposed):
     assert native.rowdot_available()
     x, kernel = bf16_pair(rows, depth, width, transposed)
@@ -75,6 +80,54 @@ def test_rowdot_in_a_loop_and_its_gradient():
     expected = jax.grad(lambda x, k: loss(native.xla_dot, x, k), argnums=(0, 1))(x, kernel)
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@needs_compiler
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rowdot_of_several_kernels_is_their_dots_side_by_side(transposed):
+    x, q = bf16_pair(1, 576, 576, transposed, seed=1)
+    _, k = bf16_pair(1, 576, 192, transposed, seed=2)
+    _, v = bf16_pair(1, 576, 7, transposed, seed=3)
+    out = jax.jit(native.rowdot, static_argnums=2)(x, (q, k, v), transposed)  # [1, 1, 775]
+    expected = jnp.concatenate([native.xla_dot(x, w, transposed) for w in (q, k, v)], -1)
+    assert out.shape == expected.shape == (1, 1, 775)
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=1e-5 * scale)
+    grads = jax.grad(lambda ws: native.rowdot(x, ws, transposed)[..., ::7].sum())((q, k, v))
+    want = jax.grad(lambda ws: native.xla_dot(x, ws, transposed)[..., ::7].sum())((q, k, v))
+    for got, expect in zip(grads, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expect))
+
+
+@needs_compiler
+def test_concurrent_calls_each_get_their_own_product():
+    """Calls that run at once (one has the helper threads, the others compute alone) do not mix
+    their operands."""
+    pairs = [bf16_pair(1, 1536, 576, transposed=False, seed=seed) for seed in range(6)]
+    call = jax.jit(native.rowdot)
+    expected = [np.asarray(native.xla_dot(x, w)) for x, w in pairs]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        for _ in range(5):
+            outs = list(pool.map(lambda pair: np.asarray(call(*pair)), pairs))
+            for out, want in zip(outs, expected, strict=True):
+                np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@needs_compiler
+def test_matmul_group_takes_one_call_for_one_bf16_row():
+    x, q = bf16_pair(1, 64, 64, transposed=False, seed=1)
+    _, k = bf16_pair(1, 64, 16, transposed=False, seed=2)
+    x = x.astype(jnp.float32)  # [1, 1, 64]
+    text = jax.jit(ops.matmul_group).lower(x, [q, k, k]).as_text()
+    assert text.count(f"@{native.TARGET}(") == 1  # one call for the three kernels
+    outs = ops.matmul_group(x, [q, k, k])
+    assert [o.shape for o in outs] == [(1, 1, 64), (1, 1, 16), (1, 1, 16)]
+    for out, kernel in zip(outs, [q, k, k], strict=True):
+        np.testing.assert_allclose(
+            np.asarray(out), np.asarray(ops.matmul(x, kernel)), rtol=1e-5, atol=1e-5
+        )
+    two_rows = jax.jit(ops.matmul_group).lower(jnp.concatenate([x, x]), [q, k]).as_text()
+    assert native.TARGET not in two_rows
 
 
 @needs_compiler

@@ -1,12 +1,13 @@
 """Native CPU kernels, compiled on first use with the host's C++ compiler and called through
 `jax.ffi`.
 
-`rowdot` multiplies rows by a bf16 matrix (`rowdot.cc`): at batch 1 XLA:CPU's bf16 dot streams
-the weights at a fraction of the memory bandwidth (docs/performance.md). The library is built
-once per source, compiler, flags, jax version and host into the t2jax cache (`-O3
--march=native`, written atomically) and registered for the CPU platform only; `ops.dot_fp32`
-takes it for bf16 kernels times at most `ROWDOT_MAX_ROWS` rows when it is available, and every
-other platform lowers to XLA's dot. Without a compiler, on a build error, or with
+`rowdot` multiplies rows by bf16 matrices, one or several side by side in one call
+(`rowdot.cc`): at batch 1 XLA:CPU's bf16 dot streams the weights at a fraction of the memory
+bandwidth (docs/performance.md). The library is built once per source, compiler, flags, jax
+version and host into the t2jax cache (`-O3 -march=native`, written atomically) and registered
+for the CPU platform only; `ops.dot_fp32` and `ops.matmul_group` take it for bf16 kernels times
+at most `ROWDOT_MAX_ROWS` rows when it is available, and every other platform lowers to XLA's
+dot. Without a compiler, on a build error, or with
 `T2JAX_NATIVE=0`, everything stays on XLA's dot (a build error is logged once).
 """
 
@@ -101,51 +102,54 @@ def rowdot_available() -> bool:
     return True
 
 
-def wants_rowdot(x: Array, kernel: Array) -> bool:
-    """Whether a product of x [..., in] and a kernel should use `rowdot`: a 2-D bf16 kernel, at
+def wants_rowdot(x: Array, *kernels: Array) -> bool:
+    """Whether a product of x [..., in] and kernels should use `rowdot`: 2-D bf16 kernels, at
     most ROWDOT_MAX_ROWS rows, and the kernel available."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     return (
-        kernel.dtype == jnp.bfloat16
-        and kernel.ndim == 2
+        all(kernel.dtype == jnp.bfloat16 and kernel.ndim == 2 for kernel in kernels)
         and 0 < rows <= ROWDOT_MAX_ROWS
         and rowdot_available()
     )
 
 
-def _rowdot_call(x: Array, kernel: Array, transposed: bool) -> Array:
+def _rowdot_call(x: Array, *kernels: Array, transposed: bool) -> Array:
     """The kernel on the CPU (`rowdot`); XLA's dot where it is not available."""
     if not rowdot_available():
-        return xla_dot(x, kernel, transposed)
+        return xla_dot(x, kernels, transposed)
     rows = x.reshape(-1, x.shape[-1])  # [M, in]
-    width = kernel.shape[0] if transposed else kernel.shape[1]
+    width = sum(kernel.shape[0] if transposed else kernel.shape[1] for kernel in kernels)
     result = jax.ShapeDtypeStruct((rows.shape[0], width), jnp.float32)
     call = jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")  # vmapped: one call each
-    out = call(rows, kernel, transposed=transposed)  # [M, out]
+    out = call(rows, *kernels, transposed=transposed)  # [M, out]
     return out.reshape(*x.shape[:-1], width)  # [..., out]
 
 
-def xla_dot(x: Array, kernel: Array, transposed: bool = False) -> Array:
-    """x [..., in] @ kernel [in, out] (kernel [out, in] when `transposed`) by XLA's dot with fp32
-    accumulation, on every platform: what the kernel computes."""
+def xla_dot(x: Array, kernels: Array | tuple[Array, ...], transposed: bool = False) -> Array:
+    """x [..., in] @ [k_1 | k_2 | ...] for kernels [in, out_i] ([out_i, in] when `transposed`)
+    by XLA's dots with fp32 accumulation, on every platform: what the kernel computes."""
     spec = "...i,oi->...o" if transposed else "...i,io->...o"
-    return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)  # [..., out]
+    kernels = kernels if isinstance(kernels, tuple) else (kernels,)
+    outs = [jnp.einsum(spec, x, k, preferred_element_type=jnp.float32) for k in kernels]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, -1)  # [..., sum(out_i)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rowdot(x: Array, kernel: Array, transposed: bool = False) -> Array:
-    """`xla_dot` (bf16 x and kernel, fp32 result) by the native kernel where the program runs on
-    the CPU, by XLA's dot elsewhere. Differentiable: its gradient is the dot's."""
+def rowdot(x: Array, kernels: Array | tuple[Array, ...], transposed: bool = False) -> Array:
+    """`xla_dot` (bf16 x and kernels, fp32 result; one kernel or a tuple side by side) by the
+    native kernel where the program runs on the CPU, by XLA's dot elsewhere. Differentiable: its
+    gradient is the dot's."""
+    kernels = kernels if isinstance(kernels, tuple) else (kernels,)
     return jax.lax.platform_dependent(
         x,
-        kernel,
+        *kernels,
         cpu=functools.partial(_rowdot_call, transposed=transposed),
-        default=functools.partial(xla_dot, transposed=transposed),
+        default=lambda x, *kernels: xla_dot(x, kernels, transposed),
     )
 
 
-def _rowdot_forward(x: Array, kernel: Array, transposed: bool):
-    return rowdot(x, kernel, transposed), (x, kernel)
+def _rowdot_forward(x: Array, kernels, transposed: bool):
+    return rowdot(x, kernels, transposed), (x, kernels)
 
 
 def _rowdot_backward(transposed: bool, residuals, cotangent: Array):

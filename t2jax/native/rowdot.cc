@@ -1,19 +1,30 @@
-// A few rows times a bf16 matrix on the CPU: y[m, n] = sum_k x[m, k] * w[k, n] (or w[n, k],
-// `transposed`), fp32 accumulation.
+// A few rows times bf16 matrices on the CPU: y[m, :] = x[m, :] @ [w_1 | w_2 | ...], each w_i
+// [depth, width_i] (or [width_i, depth], `transposed`), fp32 accumulation.
 //
 // XLA:CPU streams a bf16 kernel at a fraction of the memory bandwidth when only one or two rows
 // multiply it (decoding at batch 1; docs/performance.md). This kernel reads each weight row once,
 // contiguously, widens bf16 to fp32 by a 16-bit shift (exact) and accumulates in fp32, so it
-// returns what the einsum returns up to the summation order. Columns are split into blocks that
-// the caller and XLA's intra-op threads claim from a shared counter; the caller only ever waits
-// for blocks already being computed, never for a task that has not started, so concurrent calls
-// cannot deadlock the pool. Built at first use by `t2jax.native` (-O3 -march=native).
+// returns what the einsum returns up to the summation order. Several matrices of one input (q, k
+// and v; gate and up) go in one call, which saves the per-call start of the memory streams
+// without the fused copy of the weights that `model.fuse_projections` makes.
+//
+// The work is cut into tiles: blocks of output columns times, for [depth, width] weights, slices
+// of the depth whose partial sums are added at the end. One core streams about half of what two
+// do, and a decoder's matrices take tens of microseconds each, so the call's thread shares its
+// tiles with helpers: tasks on XLA's intra-op pool (one per further pool thread, at most
+// kMaxHelpers) that stay for kSpin after their last tile, claiming the tiles of the next calls
+// from a shared ticket (generation << 32 | next tile), then give their thread back. Running on
+// the pool's own threads, they do not compete with it for cores. One call at a time uses the
+// helpers; a concurrent call computes alone, so calls never wait on each other. Built at first
+// use by `t2jax.native` (-O3 -march=native).
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -22,9 +33,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kRowsPerPass = 4;  // rows of x that share one read of a weight row
-constexpr int64_t kKPerPass = 4;     // weight rows accumulated per pass over the outputs
-constexpr int64_t kMaxBlock = 2048;  // output columns per block (fp32 partial sums in L1)
+constexpr int64_t kRowsPerPass = 4;   // rows of x that share one read of a weight row
+constexpr int64_t kKPerPass = 4;      // weight rows accumulated per pass over the outputs
+constexpr int64_t kAccFloats = 8192;  // fp32 partial sums per tile (32 KB, in L1)
+constexpr int64_t kPrefetchRows = 4;  // weight rows ahead that a pass over short rows prefetches
+constexpr int64_t kShortRow = 1024;   // columns up to which a tile's rows count as short
+constexpr int64_t kLine = 32;         // bf16 per cache line
+constexpr int64_t kOutInBlock = 2048;  // output columns per tile of a [width, depth] matrix
+constexpr int64_t kMinSlice = 64;     // weight rows per depth slice, at least
+constexpr int64_t kTilesPerThread = 4;
+constexpr int kMaxHelpers = 7;
+constexpr auto kSpin = std::chrono::microseconds(300);  // a helper idles this long, then leaves
 
 inline float Widen(uint16_t bits) {
   uint32_t word = static_cast<uint32_t>(bits) << 16;
@@ -33,30 +52,93 @@ inline float Widen(uint16_t bits) {
   return value;
 }
 
-struct Job {
-  std::vector<float> x;  // [rows, depth], widened once
-  const uint16_t* w;     // bf16 bits: [depth, width], or [width, depth] when transposed
-  float* y;              // [rows, width]
-  bool transposed;
-  int64_t rows, depth, width, block, blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// One matrix of a call: its weights, its columns of y, and its tiles.
+struct Part {
+  const uint16_t* w;      // bf16 bits: [depth, width], or [width, depth] when transposed
+  int64_t width, column;  // its output columns, the first of them in y
+  int64_t block, blocks;  // output columns per tile, column blocks
+  int64_t slice, slices;  // weight rows per depth slice, depth slices
+  int64_t first_tile;     // of the call's tiles; blocks * slices of them are this part's
+  int64_t partial;        // offset of its [slices, rows, width] partial sums when sliced
 };
 
-// y[r0:r0+NR, c0:c0+nc] = x[r0:r0+NR] @ w[:, c0:c0+nc]: each weight row of the block is read
-// once, contiguously, widened once for all NR rows, into fp32 partial sums that stay in L1.
+// A call: the rows of x times each part's matrix, side by side in y.
+struct Job {
+  std::vector<float> x;        // [rows, depth], widened once
+  std::vector<float> partial;  // the parts' depth-slice partial sums
+  std::vector<Part> parts;
+  float* y;                    // [rows, width]: the parts' outputs side by side
+  bool transposed;
+  int64_t rows, depth, width;  // width: of y, all parts together
+  int64_t tiles;
+};
+
+// Lays out a part's tiles: about `target` of them.
+void PlanPart(const Job& job, Part& part, int64_t target) {
+  if (job.transposed) {  // one contiguous dot per column: split the columns only
+    const int64_t per_block = (part.width + target - 1) / target;
+    part.block = std::clamp<int64_t>((per_block + 63) / 64 * 64, 64, kOutInBlock);
+    part.slices = 1;
+  } else {  // whole rows where they fit in L1, read in memory order; the depth sliced for tiles
+    const int64_t max_block = kAccFloats / std::min(job.rows, kRowsPerPass) / 64 * 64;
+    const int64_t blocks = (part.width + max_block - 1) / max_block;
+    part.block = ((part.width + blocks - 1) / blocks + 63) / 64 * 64;
+    const int64_t wanted = (target + blocks - 1) / blocks;
+    part.slices = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, job.depth / kMinSlice));
+  }
+  part.blocks = (part.width + part.block - 1) / part.block;
+  part.slice = (job.depth + part.slices - 1) / part.slices;
+  part.slices = (job.depth + part.slice - 1) / part.slice;
+}
+
+// Lays out a call's tiles for `threads` threads: about kTilesPerThread each, shared among the
+// parts by their widths.
+void Plan(Job& job, int64_t threads) {
+  int64_t tiles = 0, partial = 0;
+  for (Part& part : job.parts) {
+    const int64_t target = kTilesPerThread * threads * part.width / std::max<int64_t>(1, job.width);
+    PlanPart(job, part, std::max<int64_t>(1, target));
+    part.first_tile = tiles;
+    part.partial = partial;
+    tiles += part.blocks * part.slices;
+    if (part.slices > 1) partial += part.slices * job.rows * part.width;
+  }
+  job.tiles = tiles;
+  job.partial.resize(partial);
+}
+
+// out[r, c0:c0+nc] = x[r0+r, k0:k1] @ w[k0:k1, c0:c0+nc] for NR rows (out's rows `stride`
+// apart): each weight row of the tile is read once, contiguously, widened once for all NR rows,
+// into fp32 sums that stay in L1.
 template <int NR>
-void BlockInOut(const Job& job, int64_t r0, int64_t c0, int64_t nc) {
-  alignas(64) float acc[NR][kMaxBlock];
+void TileInOut(const Job& job, const Part& part, int64_t r0, int64_t k0, int64_t k1, int64_t c0,
+               int64_t nc, float* out, int64_t stride) {
+  alignas(64) float acc[NR][kAccFloats / NR];
   for (int r = 0; r < NR; ++r) std::fill(acc[r], acc[r] + nc, 0.0f);
-  const int64_t width = job.width;
+  const int64_t width = part.width;
   const float* x = job.x.data() + r0 * job.depth;
-  int64_t k = 0;
-  for (; k + kKPerPass <= job.depth; k += kKPerPass) {
-    const uint16_t* w0 = job.w + k * width + c0;
+  int64_t k = k0;
+  for (; k + kKPerPass <= k1; k += kKPerPass) {
+    const uint16_t* w0 = part.w + k * width + c0;
     const uint16_t* w1 = w0 + width;
     const uint16_t* w2 = w1 + width;
     const uint16_t* w3 = w2 + width;
+    // The hardware prefetcher loses short rows read side by side (and keeps up with long ones):
+    // fetch a later pass's rows.
+    if (nc <= kShortRow && k + kPrefetchRows + kKPerPass <= k1) {
+      const uint16_t* ahead = w0 + kPrefetchRows * width;
+      for (int i = 0; i < kKPerPass; ++i) {
+        for (int64_t c = 0; c < nc; c += kLine) __builtin_prefetch(ahead + i * width + c);
+      }
+    }
     float xs[NR][kKPerPass];
     for (int r = 0; r < NR; ++r) {
       for (int i = 0; i < kKPerPass; ++i) xs[r][i] = x[r * job.depth + k + i];
@@ -69,87 +151,206 @@ void BlockInOut(const Job& job, int64_t r0, int64_t c0, int64_t nc) {
       }
     }
   }
-  for (; k < job.depth; ++k) {
-    const uint16_t* w0 = job.w + k * width + c0;
+  for (; k < k1; ++k) {
+    const uint16_t* w0 = part.w + k * width + c0;
 #pragma omp simd
     for (int64_t c = 0; c < nc; ++c) {
       const float v0 = Widen(w0[c]);
       for (int r = 0; r < NR; ++r) acc[r][c] += x[r * job.depth + k] * v0;
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    std::memcpy(job.y + (r0 + r) * width + c0, acc[r], nc * sizeof(float));
-  }
+  for (int r = 0; r < NR; ++r) std::memcpy(out + r * stride + c0, acc[r], nc * sizeof(float));
 }
 
-// The same block with w stored [width, depth] (a tied embedding used as the output head): one
-// contiguous dot product per output column and row.
-void BlockOutIn(const Job& job, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+// The same with w stored [width, depth] (a tied embedding used as the output head): one
+// contiguous dot product per output column and row, straight into y. (Four columns at a time,
+// as four streams, ran slower.)
+void TileOutIn(const Job& job, const Part& part, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
   for (int64_t c = c0; c < c0 + nc; ++c) {
-    const uint16_t* wc = job.w + c * job.depth;
+    const uint16_t* wc = part.w + c * job.depth;
     for (int64_t r = r0; r < r0 + nr; ++r) {
       const float* xr = job.x.data() + r * job.depth;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t k = 0; k < job.depth; ++k) sum += xr[k] * Widen(wc[k]);
-      job.y[r * job.width + c] = sum;
+      job.y[r * job.width + part.column + c] = sum;
     }
   }
 }
 
-void Work(Job& job) {
-  for (;;) {
-    const int64_t b = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (b >= job.blocks) return;
-    const int64_t c0 = b * job.block;
-    const int64_t nc = std::min(job.block, job.width - c0);
-    for (int64_t r0 = 0; r0 < job.rows; r0 += kRowsPerPass) {
-      const int64_t nr = std::min(kRowsPerPass, job.rows - r0);
-      if (job.transposed) {
-        BlockOutIn(job, r0, nr, c0, nc);
-      } else if (nr == 4) {
-        BlockInOut<4>(job, r0, c0, nc);
-      } else if (nr == 3) {
-        BlockInOut<3>(job, r0, c0, nc);
-      } else if (nr == 2) {
-        BlockInOut<2>(job, r0, c0, nc);
-      } else {
-        BlockInOut<1>(job, r0, c0, nc);
+void RunTile(Job& job, int64_t tile) {
+  const Part* part = &job.parts.front();
+  while (tile >= part->first_tile + part->blocks * part->slices) ++part;
+  const int64_t local = tile - part->first_tile;
+  const int64_t s = local / part->blocks, b = local % part->blocks;
+  const int64_t c0 = b * part->block, nc = std::min(part->block, part->width - c0);
+  const int64_t k0 = s * part->slice, k1 = std::min(job.depth, k0 + part->slice);
+  const bool sliced = part->slices > 1;  // then into the part's partial sums of slice s
+  float* out = sliced ? job.partial.data() + part->partial + s * job.rows * part->width
+                      : job.y + part->column;
+  const int64_t stride = sliced ? part->width : job.width;
+  for (int64_t r0 = 0; r0 < job.rows; r0 += kRowsPerPass) {
+    const int64_t nr = std::min(kRowsPerPass, job.rows - r0);
+    float* rows_out = out + r0 * stride;
+    if (job.transposed) {
+      TileOutIn(job, *part, r0, nr, c0, nc);
+    } else if (nr == 4) {
+      TileInOut<4>(job, *part, r0, k0, k1, c0, nc, rows_out, stride);
+    } else if (nr == 3) {
+      TileInOut<3>(job, *part, r0, k0, k1, c0, nc, rows_out, stride);
+    } else if (nr == 2) {
+      TileInOut<2>(job, *part, r0, k0, k1, c0, nc, rows_out, stride);
+    } else {
+      TileInOut<1>(job, *part, r0, k0, k1, c0, nc, rows_out, stride);
+    }
+  }
+}
+
+// Each sliced part's columns of y = the sum of its slices' partial sums.
+void AddSlices(Job& job) {
+  for (const Part& part : job.parts) {
+    if (part.slices == 1) continue;
+    const float* partial = job.partial.data() + part.partial;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      float* y = job.y + r * job.width + part.column;
+      std::memcpy(y, partial + r * part.width, part.width * sizeof(float));
+      for (int64_t s = 1; s < part.slices; ++s) {
+        const float* slice = partial + (s * job.rows + r) * part.width;
+#pragma omp simd
+        for (int64_t c = 0; c < part.width; ++c) y[c] += slice[c];
       }
     }
-    job.done.fetch_add(1, std::memory_order_release);
   }
 }
 
-ffi::Error RowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                  ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+// The one job that helpers on XLA's intra-op pool share, and their loop.
+class Crew {
+ public:
+  Job& job() { return job_; }
+  std::mutex& caller() { return caller_; }
+
+  // Runs the job's tiles (laid out, fields written) with up to `helpers` pool threads; called
+  // under caller().
+  void Run(ffi::ThreadPool& pool, int helpers) {
+    const uint64_t generation = ++generation_;
+    // The ticket moves first: no helper still on the last call can claim a tile of this one.
+    ticket_.store(generation << 32, std::memory_order_seq_cst);
+    tiles_.store(job_.tiles, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    published_.store(generation, std::memory_order_seq_cst);
+    for (int active = active_.load(); active < helpers;) {
+      if (active_.compare_exchange_weak(active, active + 1)) {
+        pool.Schedule([this] { Serve(); });
+        ++active;
+      }
+    }
+    Claim(generation);
+    while (done_.load(std::memory_order_acquire) < job_.tiles) Pause();
+  }
+
+ private:
+  // Computes tiles of `generation` until none is left or a newer call has started.
+  void Claim(uint64_t generation) {
+    uint64_t ticket = ticket_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((ticket >> 32) != generation) return;
+      const int64_t tile = static_cast<int64_t>(ticket & 0xffffffffu);
+      if (tile >= tiles_.load(std::memory_order_relaxed)) return;
+      if (ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel)) {
+        RunTile(job_, tile);
+        done_.fetch_add(1, std::memory_order_release);
+        ticket = ticket_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  // A helper: claims tiles of each new call, and gives its pool thread back after kSpin idle.
+  void Serve() {
+    uint64_t seen = 0;
+    auto idle_since = std::chrono::steady_clock::now();
+    for (int spin = 1;; ++spin) {
+      const uint64_t generation = published_.load(std::memory_order_acquire);
+      if (generation != seen) {
+        seen = generation;
+        Claim(generation);
+        idle_since = std::chrono::steady_clock::now();
+      } else if (spin % 64 == 0 && std::chrono::steady_clock::now() - idle_since > kSpin) {
+        active_.fetch_sub(1);
+        return;
+      }
+      Pause();
+    }
+  }
+
+  Job job_;
+  uint64_t generation_ = 0;  // written under caller_ only
+  std::mutex caller_;
+  // Each counter on its own cache line: helpers poll `published_` while tiles are claimed and
+  // counted on the others.
+  alignas(64) std::atomic<uint64_t> ticket_{0};
+  alignas(64) std::atomic<uint64_t> published_{0};
+  alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) std::atomic<int64_t> tiles_{0};
+  std::atomic<int> active_{0};  // helpers in Serve
+};
+
+Crew& TheCrew() {
+  static Crew* crew = new Crew();
+  return *crew;  // never destroyed: helpers may still be leaving Serve at exit
+}
+
+// Fills the job's operands from the call; an error message for operands that do not fit.
+const char* Prepare(Job& job, ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs kernels,
+                    ffi::Result<ffi::Buffer<ffi::F32>> y, bool transposed, int64_t threads) {
   const auto x_dims = x.dimensions();
-  const auto w_dims = w.dimensions();
-  const int64_t depth_axis = transposed ? 1 : 0;
-  if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[depth_axis]) {
-    return ffi::Error::InvalidArgument(
-        "rowdot: x must be [rows, depth] and w [depth, width] ([width, depth] transposed)");
+  if (x_dims.size() != 2 || kernels.size() == 0) return "rowdot: x must be [rows, depth]";
+  job.rows = x_dims[0];
+  job.depth = x_dims[1];
+  job.transposed = transposed;
+  job.parts.clear();
+  job.width = 0;
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    auto kernel = kernels.get<ffi::Buffer<ffi::BF16>>(i);
+    if (!kernel.has_value()) return "rowdot: every kernel must be bf16";
+    const auto dims = kernel->dimensions();
+    if (dims.size() != 2 || dims[transposed ? 1 : 0] != job.depth) {
+      return "rowdot: kernels must be [depth, width] ([width, depth] transposed)";
+    }
+    Part part{};
+    part.w = reinterpret_cast<const uint16_t*>(kernel->untyped_data());
+    part.width = dims[transposed ? 0 : 1];
+    part.column = job.width;
+    job.width += part.width;
+    job.parts.push_back(part);
   }
-  auto job = std::make_shared<Job>();
-  job->rows = x_dims[0];
-  job->depth = x_dims[1];
-  job->width = w_dims[1 - depth_axis];
-  job->transposed = transposed;
+  const auto y_dims = y->dimensions();
+  if (y_dims.size() != 2 || y_dims[0] != job.rows || y_dims[1] != job.width) {
+    return "rowdot: y must be [rows, the kernels' widths together]";
+  }
   const auto* x_bits = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  job->x.resize(job->rows * job->depth);
-  for (int64_t i = 0; i < job->rows * job->depth; ++i) job->x[i] = Widen(x_bits[i]);
-  job->w = reinterpret_cast<const uint16_t*>(w.untyped_data());
-  job->y = y->typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About four blocks per thread, each a multiple of 64 columns (whole cache lines of bf16).
-  const int64_t per_block = (job->width + 4 * threads - 1) / (4 * threads);
-  job->block = std::clamp<int64_t>((per_block + 63) / 64 * 64, 64, kMaxBlock);
-  job->blocks = (job->width + job->block - 1) / job->block;
-  const int64_t helpers = std::min(threads - 1, job->blocks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { Work(*job); });
-  Work(*job);
-  while (job->done.load(std::memory_order_acquire) < job->blocks) {
+  job.x.resize(job.rows * job.depth);
+  for (int64_t i = 0; i < job.rows * job.depth; ++i) job.x[i] = Widen(x_bits[i]);
+  job.y = y->typed_data();
+  Plan(job, threads);
+  return nullptr;
+}
+
+ffi::Error RowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs kernels,
+                  ffi::Result<ffi::Buffer<ffi::F32>> y, bool transposed) {
+  const int helpers = std::clamp<int>(pool.num_threads() - 1, 0, kMaxHelpers);
+  Crew& crew = TheCrew();
+  std::unique_lock<std::mutex> lock(crew.caller(), std::try_to_lock);
+  Job alone;  // when another call has the crew: compute alone
+  Job& job = lock.owns_lock() ? crew.job() : alone;
+  if (const char* error = Prepare(job, x, kernels, y, transposed, lock.owns_lock() ? helpers + 1 : 1)) {
+    return ffi::Error::InvalidArgument(error);
   }
+  if (lock.owns_lock()) {
+    crew.Run(pool, helpers);
+  } else {
+    for (int64_t tile = 0; tile < job.tiles; ++tile) RunTile(job, tile);
+  }
+  AddSlices(job);
   return ffi::Error::Success();
 }
 
@@ -159,6 +360,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T2jaxRowDotBf16, RowDot,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
