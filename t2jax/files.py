@@ -1,5 +1,5 @@
 """Atomic file and directory writes: a reader sees the old file or the complete new one, never
-a torn one.
+a torn one; and t2jax's cache directory.
 
 The new content goes to a temporary file next to the target (same directory, hence same file
 system), is flushed to disk, and then renamed over the target (`os.replace` is atomic on POSIX and
@@ -15,6 +15,16 @@ import shutil
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import platformdirs
+
+CACHE_ENV = "T2JAX_CACHE"
+
+
+def cache_dir() -> pathlib.Path:
+    """t2jax's cache (fetched models, SVD factors, compiled kernels, code ground truth):
+    `$T2JAX_CACHE`, else the platform's user cache dir."""
+    return pathlib.Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("t2jax"))
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> None:

@@ -25,6 +25,7 @@ from helpers_checkpoints import (
 )
 
 import t2jax.checkpoints as checkpoints_package
+from t2jax import files
 from t2jax.checkpoints import REGISTRY, CheckpointError, RegistryError, load_checkpoint
 from t2jax.checkpoints import registry as registry_module
 from t2jax.checkpoints.gguf import unpermute_rows
@@ -334,7 +335,7 @@ def test_truncated_gguf(tmp_path):
 @pytest.fixture
 def cache(monkeypatch, tmp_path) -> pathlib.Path:
     directory = tmp_path / "cache"
-    monkeypatch.setenv(registry_module.CACHE_ENV, str(directory))
+    monkeypatch.setenv(files.CACHE_ENV, str(directory))
     return directory
 
 

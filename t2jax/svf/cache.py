@@ -20,11 +20,10 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-import platformdirs
 
 from t2jax import model as model_lib
 from t2jax.config import ModelConfig
-from t2jax.files import write_text_atomically
+from t2jax.files import cache_dir, write_text_atomically
 from t2jax.loading import LoadedModel
 from t2jax.svf import factors as svf_factors
 from t2jax.svf.targets import SVDError, hf_tensor_name, kernel_shape, resolve_targets
@@ -101,8 +100,9 @@ def check_fingerprint(found: str | None, expected: str, what: str) -> None:
 
 
 def default_cache_root() -> pathlib.Path:
-    """Where factors are cached unless told otherwise: the user cache dir's `svd` folder."""
-    return pathlib.Path(platformdirs.user_cache_dir("t2jax")) / "svd"
+    """Where factors are cached unless told otherwise: the t2jax cache's `svd` folder
+    (`t2jax.files.cache_dir`, `$T2JAX_CACHE` overrides)."""
+    return cache_dir() / "svd"
 
 
 def loaded_model_factors(

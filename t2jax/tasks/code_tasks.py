@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import platformdirs
 
-from t2jax.files import write_text_atomically
+from t2jax.files import cache_dir, write_text_atomically
 from t2jax.tasks import evalplus_rules as rules
 from t2jax.tasks._sandbox_codec import decode_value, encode_value
 from t2jax.tasks.base import TEMPLATE_CODE, Example, Score, Task
@@ -44,8 +43,7 @@ _MBPP_TEST_SETUP = "import math\nimport sys\n"
 
 def ground_truth_cache_dir() -> pathlib.Path:
     """Where expected outputs of canonical solutions are cached (`T2JAX_CACHE` overrides)."""
-    root = os.environ.get("T2JAX_CACHE") or platformdirs.user_cache_dir("t2jax")
-    return pathlib.Path(root) / "code_ground_truth"
+    return cache_dir() / "code_ground_truth"
 
 
 def default_workers() -> int:
