@@ -15,9 +15,9 @@ Array = jax.Array
 
 def dot_fp32(x: Array, kernel: Array, transposed: bool = False) -> Array:
     """x [..., in] @ kernel [in, out] (kernel [out, in] when `transposed`) in the kernel's dtype
-    with fp32 accumulation, returned in fp32. One row times a bf16 kernel (decoding at batch 1)
-    goes to the native CPU kernel (`t2jax.native.rowdot`), which streams the weights faster
-    than XLA:CPU's dot."""
+    with fp32 accumulation, returned in fp32. A few rows times a bf16 kernel (decoding at batch
+    1-4, `native.ROWDOT_MAX_ROWS`) go to the native CPU kernel (`t2jax.native.rowdot`), which
+    streams the weights faster than XLA:CPU's dot."""
     x_low = x.astype(kernel.dtype)  # [..., in]
     dot = native.rowdot if native.wants_rowdot(x_low, kernel) else native.xla_dot
     return dot(x_low, kernel, transposed)  # [..., out]
@@ -34,8 +34,8 @@ def matmul(x: Array, kernel: Array) -> Array:
 
 
 def matmul_group(x: Array, kernels: Sequence[Array]) -> list[Array]:
-    """`matmul` of x [..., in] by each of kernels [in, out_i] (q, k and v; gate and up). One row
-    times bf16 kernels takes one native call for all of them (`t2jax.native.rowdot`)."""
+    """`matmul` of x [..., in] by each of kernels [in, out_i] (q, k and v; gate and up). A few rows
+    times bf16 kernels take one native call for all of them (`t2jax.native.rowdot`)."""
     x_low = x.astype(kernels[0].dtype)  # [..., in]
     if len(kernels) == 1 or not native.wants_rowdot(x_low, *kernels):
         return [matmul(x, kernel) for kernel in kernels]

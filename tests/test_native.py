@@ -114,7 +114,7 @@ def test_concurrent_calls_each_get_their_own_product():
 
 
 @needs_compiler
-def test_matmul_group_takes_one_call_for_one_bf16_row():
+def test_matmul_group_takes_one_call_for_a_few_bf16_rows():
     x, q = bf16_pair(1, 64, 64, transposed=False, seed=1)
     _, k = bf16_pair(1, 64, 16, transposed=False, seed=2)
     x = x.astype(jnp.float32)  # [1, 1, 64]
@@ -126,12 +126,12 @@ def test_matmul_group_takes_one_call_for_one_bf16_row():
         np.testing.assert_allclose(
             np.asarray(out), np.asarray(ops.matmul(x, kernel)), rtol=1e-5, atol=1e-5
         )
-    two_rows = jax.jit(ops.matmul_group).lower(jnp.concatenate([x, x]), [q, k]).as_text()
-    assert native.TARGET not in two_rows
+    many = jnp.tile(x, (native.ROWDOT_MAX_ROWS + 1, 1, 1))  # [5, 1, 64]
+    assert native.TARGET not in jax.jit(ops.matmul_group).lower(many, [q, k]).as_text()
 
 
 @needs_compiler
-def test_matmul_takes_the_kernel_for_one_bf16_row_only():
+def test_matmul_takes_the_kernel_for_a_few_bf16_rows_only():
     x, kernel = bf16_pair(1, 32, 48, transposed=False)
     x = x.astype(jnp.float32)  # the CPU's activations; matmul rounds them to the kernel's dtype
 
@@ -139,7 +139,11 @@ def test_matmul_takes_the_kernel_for_one_bf16_row_only():
         return jax.jit(ops.matmul).lower(x, kernel).as_text()
 
     assert native.TARGET in lowered(x, kernel)
-    assert native.TARGET not in lowered(jnp.concatenate([x, x]), kernel)  # two rows
+    few, many = (
+        jnp.tile(x, (n, 1, 1)) for n in (native.ROWDOT_MAX_ROWS, native.ROWDOT_MAX_ROWS + 1)
+    )
+    assert native.TARGET in lowered(few, kernel)
+    assert native.TARGET not in lowered(many, kernel)
     assert native.TARGET not in lowered(x, kernel.astype(jnp.float32))  # fp32 weights
     np.testing.assert_allclose(
         np.asarray(ops.matmul(x, kernel)),

@@ -2,7 +2,7 @@
 `jax.ffi`.
 
 `rowdot` multiplies rows by bf16 matrices, one or several side by side in one call
-(`rowdot.cc`): at batch 1 XLA:CPU's bf16 dot streams the weights at a fraction of the memory
+(`rowdot.cc`): at batch 1-4 XLA:CPU's bf16 dot streams the weights at a fraction of the memory
 bandwidth (docs/performance.md). The library is built once per source, compiler, flags, jax
 version and host into the t2jax cache (`-O3 -march=native`, written atomically) and registered
 for the CPU platform only; `ops.dot_fp32` and `ops.matmul_group` take it for bf16 kernels times
@@ -32,9 +32,9 @@ Array = jax.Array
 SOURCE = pathlib.Path(__file__).with_name("rowdot.cc")
 TARGET = "t2jax_rowdot_bf16"
 ENABLE_ENV = "T2JAX_NATIVE"
-# Rows up to which the kernel replaces XLA's dot: one row wins end to end (SmolLM2 decode), two
-# and four lose there (XLA:CPU's dot costs nearly the same at 1-4 rows); docs/performance.md.
-ROWDOT_MAX_ROWS = 1
+# Rows up to which the kernel replaces XLA's dot: decoding at batch 2 and 4 gains 1.3-2x with it
+# (SmolLM2, Qwen-0.5B); at batch 8 SmolLM2 loses (179 vs 194 tok/s); docs/performance.md.
+ROWDOT_MAX_ROWS = 4
 FLAGS = (
     "-O3",
     "-march=native",

@@ -232,9 +232,9 @@ class Crew {
   // Runs the job's tiles (laid out, fields written) with up to `helpers` pool threads; called
   // under caller().
   void Run(ffi::ThreadPool& pool, int helpers) {
-    const uint64_t generation = ++generation_;
+    const uint32_t generation = ++generation_;  // wraps after 2^32 calls, as the ticket's half
     // The ticket moves first: no helper still on the last call can claim a tile of this one.
-    ticket_.store(generation << 32, std::memory_order_seq_cst);
+    ticket_.store(uint64_t{generation} << 32, std::memory_order_seq_cst);
     tiles_.store(job_.tiles, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     published_.store(generation, std::memory_order_seq_cst);
@@ -250,7 +250,7 @@ class Crew {
 
  private:
   // Computes tiles of `generation` until none is left or a newer call has started.
-  void Claim(uint64_t generation) {
+  void Claim(uint32_t generation) {
     uint64_t ticket = ticket_.load(std::memory_order_acquire);
     for (;;) {
       if ((ticket >> 32) != generation) return;
@@ -266,10 +266,10 @@ class Crew {
 
   // A helper: claims tiles of each new call, and gives its pool thread back after kSpin idle.
   void Serve() {
-    uint64_t seen = 0;
+    uint32_t seen = 0;
     auto idle_since = std::chrono::steady_clock::now();
     for (int spin = 1;; ++spin) {
-      const uint64_t generation = published_.load(std::memory_order_acquire);
+      const uint32_t generation = published_.load(std::memory_order_acquire);
       if (generation != seen) {
         seen = generation;
         Claim(generation);
@@ -283,12 +283,12 @@ class Crew {
   }
 
   Job job_;
-  uint64_t generation_ = 0;  // written under caller_ only
+  uint32_t generation_ = 0;  // written under caller_ only
   std::mutex caller_;
   // Each counter on its own cache line: helpers poll `published_` while tiles are claimed and
   // counted on the others.
   alignas(64) std::atomic<uint64_t> ticket_{0};
-  alignas(64) std::atomic<uint64_t> published_{0};
+  alignas(64) std::atomic<uint32_t> published_{0};
   alignas(64) std::atomic<int64_t> done_{0};
   alignas(64) std::atomic<int64_t> tiles_{0};
   std::atomic<int> active_{0};  // helpers in Serve
