@@ -7,8 +7,8 @@ bandwidth (docs/performance.md). The library is built once per source, compiler,
 version and host into the t2jax cache (`-O3 -march=native`, written atomically) and registered
 for the CPU platform only; `ops.dot_fp32` and `ops.matmul_group` take it for bf16 kernels times
 at most `ROWDOT_MAX_ROWS` rows when it is available, and every other platform lowers to XLA's
-dot. Without a compiler, on a build error, or with
-`T2JAX_NATIVE=0`, everything stays on XLA's dot (a build error is logged once).
+dot. Without a compiler, on a build error, or with `T2JAX_NATIVE=0`, everything stays on XLA's
+dot (a build error is logged once).
 """
 
 from __future__ import annotations
