@@ -231,8 +231,9 @@ class SamplerConfig:
     min_shared_prefix: int = 32
     # Decode and prefill with q|k|v and gate|up each as one matmul (`model.fuse_projections`):
     # fewer, larger ops per step, and a fused copy of those kernels held by the sampler (HBM that
-    # `t2jax plan` does not count). Off by default: measured on a 2-core CPU it gains 3-4% at
-    # batch 1 and loses 1-4% at batch 8-32 (README, benchmarks/decode_tunix.py).
+    # `t2jax plan` does not count). Off by default: on a 2-core CPU it loses 1-4% at batch 8-32
+    # and gains 4-12% at batch 1, where the native kernel already takes each unfused group in
+    # one call (docs/performance.md, benchmarks/decode_tunix.py).
     fuse_projections: bool = False
 
 
