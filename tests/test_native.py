@@ -145,6 +145,7 @@ def test_matmul_takes_the_kernel_for_a_few_bf16_rows_only():
     assert native.TARGET in lowered(few, kernel)
     assert native.TARGET not in lowered(many, kernel)
     assert native.TARGET not in lowered(x, kernel.astype(jnp.float32))  # fp32 weights
+    assert native.TARGET not in lowered(x, kernel[:, :0])  # no output columns
     np.testing.assert_allclose(
         np.asarray(ops.matmul(x, kernel)),
         np.asarray(native.xla_dot(x.astype(jnp.bfloat16), kernel)),

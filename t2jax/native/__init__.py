@@ -101,11 +101,11 @@ def rowdot_available() -> bool:
 
 
 def wants_rowdot(x: Array, *kernels: Array) -> bool:
-    """Whether a product of x [..., in] and kernels should use `rowdot`: 2-D bf16 kernels, at
-    most ROWDOT_MAX_ROWS rows, and the kernel available."""
+    """Whether a product of x [..., in] and kernels should use `rowdot`: non-empty 2-D bf16
+    kernels, at most ROWDOT_MAX_ROWS rows, and the kernel available."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     return (
-        all(kernel.dtype == jnp.bfloat16 and kernel.ndim == 2 for kernel in kernels)
+        all(k.dtype == jnp.bfloat16 and k.ndim == 2 and k.size > 0 for k in kernels)
         and 0 < rows <= ROWDOT_MAX_ROWS
         and rowdot_available()
     )

@@ -313,8 +313,8 @@ const char* Prepare(Job& job, ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs kerne
     auto kernel = kernels.get<ffi::Buffer<ffi::BF16>>(i);
     if (!kernel.has_value()) return "rowdot: every kernel must be bf16";
     const auto dims = kernel->dimensions();
-    if (dims.size() != 2 || dims[transposed ? 1 : 0] != job.depth) {
-      return "rowdot: kernels must be [depth, width] ([width, depth] transposed)";
+    if (dims.size() != 2 || dims[transposed ? 1 : 0] != job.depth || dims[0] * dims[1] == 0) {
+      return "rowdot: kernels must be non-empty [depth, width] ([width, depth] transposed)";
     }
     Part part{};
     part.w = reinterpret_cast<const uint16_t*>(kernel->untyped_data());
