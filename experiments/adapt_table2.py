@@ -197,7 +197,7 @@ class Cells:
             self.model = load_expert_model(self.args)
             self.out.mkdir(parents=True, exist_ok=True)
             settings = {**vars(self.args), "few_shot": dataclasses.asdict(self.few_shot)}
-            (self.out / "options.json").write_text(json.dumps(settings, indent=2) + "\n")
+            files.write_json_atomically(self.out / "options.json", settings)
         task = get_task(task_name)
         options = AdaptOptions(
             max_new_tokens=self.args.max_new_tokens,
