@@ -12,7 +12,9 @@ holding the same dequantized tensors). Needs torch (test extra).
 
 The "matmul bound" column is the throughput of a decoder whose steps cost only their matmuls
 (every layer kernel and the lm_head at the batch's rows, bf16 weights as `ops.matmul` runs them,
-prefill free): a decoder that runs these matmuls cannot beat it, whatever else it removes.
+prefill free): a decoder that runs these matmuls cannot beat it, whatever else it removes. It
+compares with the "decode" columns: t2jax's decode steps alone, timed as a run of
+`--new-tokens` less a run of one token (the prefill and the first token).
 The "memory bound" column is the roofline of a step that reads every weight it uses once (bf16;
 one embedding row, the whole lm_head) and each row's KV cache at its mean live length, at the
 copy bandwidth measured in the same run: no decoder that keeps its weights in device memory
@@ -64,14 +66,25 @@ def chat_prompts(tokenizer, batch_size: int) -> list[str]:
     ]
 
 
-def time_t2jax(sampler, prompts: list[str], new_tokens: int) -> float:
-    """Tokens/s of t2jax greedy generation (after one warm-up call that compiles)."""
+def time_generate(sampler, prompts: list[str], new_tokens: int) -> float:
+    """Seconds of one t2jax greedy generation of `new_tokens` per row (after one warm-up call
+    that compiles)."""
     sampler.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     generation = sampler.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     elapsed = time.perf_counter() - start
     assert all(length == new_tokens for length in generation.lengths)
-    return len(prompts) * new_tokens / elapsed
+    return elapsed
+
+
+def time_t2jax(sampler, prompts: list[str], new_tokens: int) -> tuple[float, float]:
+    """Tokens/s of t2jax greedy generation end to end, and of its decode steps alone: the
+    tokens after the first over the time a run of `new_tokens` takes beyond a run of one token
+    (prefill and first token), which is what the prefill-free matmul bound compares with."""
+    whole = time_generate(sampler, prompts, new_tokens)
+    first = time_generate(sampler, prompts, 1)
+    decode = len(prompts) * (new_tokens - 1) / (whole - first) if whole > first else float("nan")
+    return len(prompts) * new_tokens / whole, decode
 
 
 def matmul_bound(config: ModelConfig, batch_size: int, steps: int = 32, repeats: int = 5) -> float:
@@ -226,8 +239,14 @@ def main() -> None:
         for size in batch_sizes:
             prompts = chat_prompts(loaded.tokenizer, size)
             for column, sampler in samplers.items():
-                rows[size][column] = time_t2jax(sampler, prompts, args.new_tokens)
-                print(f"batch {size}: {column} {rows[size][column]:.1f} tok/s", flush=True)
+                rows[size][column], rows[size][f"{column} decode"] = time_t2jax(
+                    sampler, prompts, args.new_tokens
+                )
+                print(
+                    f"batch {size}: {column} {rows[size][column]:.1f} tok/s, "
+                    f"decode steps alone {rows[size][f'{column} decode']:.1f}",
+                    flush=True,
+                )
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     for size in batch_sizes:
@@ -260,24 +279,27 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {len(jax.devices())} x {device.device_kind}")
     columns = list(next(iter(rows.values())))
-    ratio_labels = ("transformers fp32", "transformers bf16", "memory bound")
+    ratios = (  # (numerator, denominator) columns
+        ("t2jax bf16", "transformers fp32"),
+        ("t2jax bf16", "transformers bf16"),
+        ("t2jax bf16", "memory bound"),
+        ("t2jax bf16 decode", "matmul bound"),
+    )
     print(
         "| batch | "
         + " | ".join(columns)
         + " | "
-        + " | ".join(f"t2jax bf16 / {label}" for label in ratio_labels)
+        + " | ".join(f"{top} / {bottom}" for top, bottom in ratios)
         + " |"
     )
-    print("|---|" + "---|" * (len(columns) + len(ratio_labels)))
+    print("|---|" + "---|" * (len(columns) + len(ratios)))
     for size, row in rows.items():
-        ratios = [
-            f"{row['t2jax bf16'] / row[label]:.2f}x"
-            if label in row and "t2jax bf16" in row
-            else "n/a"
-            for label in ratio_labels
+        ratio_cells = [
+            f"{row[top] / row[bottom]:.2f}x" if top in row and bottom in row else "n/a"
+            for top, bottom in ratios
         ]
         cells = [f"{row[column]:.1f}" for column in columns]
-        print(f"| {size} | " + " | ".join(cells + ratios) + " |")
+        print(f"| {size} | " + " | ".join(cells + ratio_cells) + " |")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t2jax import ops
+from t2jax import ops, rope
 from t2jax.adapters import core as adapters
-from t2jax.config import ModelConfig, RopeScaling
+from t2jax.config import ModelConfig
 from t2jax.svf import core as svf_lib
 
 Array = jax.Array
@@ -189,35 +189,6 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
     return scale * normed.astype(x.dtype)  # [..., D]
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Array:
-    """RoPE inverse frequencies [H/2] in fp32, with Llama-3 frequency-dependent scaling."""
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim  # [H/2]
-    inv_freq = 1.0 / (theta**exponents)  # [H/2]
-    if scaling is None:
-        return inv_freq
-    old_len = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_len / scaling.low_freq_factor
-    high_freq_wavelen = old_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq  # [H/2]
-    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)  # [H/2]
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )  # [H/2]
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled  # [H/2]
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)  # [H/2]
-    return jnp.where(is_medium, smoothed, scaled)
-
-
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotary embedding in HF's rotate-half layout. x: [B, T, heads, H]; positions: [B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    first, second = jnp.split(x, 2, axis=-1)  # 2 x [B, T, heads, H/2]
-    rotated = jnp.concatenate([-second, first], axis=-1)  # [B, T, heads, H]
-    out = x * jnp.cos(angles).astype(x.dtype) + rotated * jnp.sin(angles).astype(x.dtype)
-    return out  # [B, T, heads, H]
-
-
 def cache_mask(
     write_index: Array, length: int, cache_valid: Array, sliding_window: int | None
 ) -> Array:
@@ -273,6 +244,24 @@ def grouped_attention(q: Array, blocks: Sequence[tuple[Array, Array, Array]]) ->
     out = (out / total[..., None]).astype(q.dtype)  # [B, K, M, H]
     out = out.reshape(batch, num_kv, groups, length, head_dim)  # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads * head_dim)  # [B,T,N*H]
+
+
+def write_slots(cache: Array, new: Array, start: tuple) -> Array:
+    """`cache` with `new` written at `start` (a dynamic update slice in the cache's dtype).
+
+    A bf16 cache is updated through its 16-bit patterns: XLA:CPU runs a bf16 update slice in
+    fp32, converting the whole cache to fp32 and back at every write (~0.15 ms per layer and
+    step for SmolLM2 at batch 32), while an integer one writes the slots in place. The bitcasts
+    are free, and the bits are the same on every backend."""
+    new = new.astype(cache.dtype)
+    if cache.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_update_slice(cache, new, start)
+    bits = jax.lax.dynamic_update_slice(
+        jax.lax.bitcast_convert_type(cache, jnp.uint16),
+        jax.lax.bitcast_convert_type(new, jnp.uint16),
+        start,
+    )  # same shape as cache
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
 def _block_scores(q: Array, k: Array, mask: Array, groups: int) -> Array:
@@ -337,10 +326,9 @@ def _decoder_layer(
     layer: LayerDict,
     svf_layer: LayerAdaptation | None,
     layer_cache: tuple[Array, Array] | None,
-    positions: Array,
+    rotation: tuple[Array, Array],
     masks: tuple[Array, Array | None],
     write_index: Array,
-    inv_freq: Array,
 ) -> tuple[Array, tuple[Array, Array] | None]:
     """One pre-norm decoder block; returns the new residual stream and this layer's updated
     (k, v) cache [B, K, S, H] (None without a cache). The cache is attended to only when
@@ -351,10 +339,8 @@ def _decoder_layer(
     kv_width = config.num_kv_heads * config.head_dim
     widths = (config.num_heads * config.head_dim, kv_width, kv_width)  # N*H, K*H, K*H
     q, k, v = _project_group(h, layer, "self_attn.qkv_proj", widths, svf_layer)  # [B, T, width]
-    q = apply_rope(q.reshape(batch, length, config.num_heads, config.head_dim), positions, inv_freq)
-    k = apply_rope(
-        k.reshape(batch, length, config.num_kv_heads, config.head_dim), positions, inv_freq
-    )
+    q = rope.apply(q.reshape(batch, length, config.num_heads, config.head_dim), rotation)
+    k = rope.apply(k.reshape(batch, length, config.num_kv_heads, config.head_dim), rotation)
     k = k.transpose(0, 2, 1, 3)  # [B, K, T, H]
     v = v.reshape(batch, length, config.num_kv_heads, config.head_dim).transpose(0, 2, 1, 3)
     blocks = [(k, v, new_mask)]  # the new tokens among themselves
@@ -364,8 +350,8 @@ def _decoder_layer(
             blocks.insert(0, (k_cache, v_cache, cached_mask))
         start = (0, 0, write_index, 0)
         layer_cache = (
-            jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),  # [B,K,S,H]
-            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start),  # [B,K,S,H]
+            write_slots(k_cache, k, start),  # [B, K, S, H]
+            write_slots(v_cache, v, start),  # [B, K, S, H]
         )
     attn = grouped_attention(q, blocks)  # [B, T, N*H]
     x = x + _project(attn, layer, "self_attn.o_proj", svf_layer)  # [B, T, D]
@@ -442,7 +428,8 @@ def forward(
     length = tokens.shape[1]
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, T, D]
     x = x.astype(activation_dtype(weights.embed.dtype, platform_of(weights.embed)))  # [B, T, D]
-    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    rotation = rope.rotation(positions, inv_freq)  # cos, sin [B, T, 1, H]
     new_mask = causal_mask(token_mask, config.sliding_window)  # [B, T, T]
     cached_mask = None
     if cache is not None and not empty_cache:
@@ -457,10 +444,9 @@ def forward(
             layer,
             svf_layer,
             layer_cache,
-            positions,
+            rotation,
             (new_mask, cached_mask),
             write_index,
-            inv_freq,
         )
 
     layers, svf_layers = weights.layers, None if svf is None else svf.layers

@@ -62,7 +62,7 @@ def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) ->
     """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits: [B, V]."""
 
     def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+        return first_argmax(logits)  # [B]
 
     def stochastic(_):
         scaled = logits / temperature  # [B, V]
@@ -70,6 +70,16 @@ def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) ->
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)  # [B]
 
     return jax.lax.cond(temperature > 0, stochastic, greedy, None)
+
+
+def first_argmax(logits: Array) -> Array:
+    """`jnp.argmax(logits, axis=-1)` as int32 [B] (the first maximum; a NaN counts as the maximum),
+    in two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction about 2.5x
+    slower (~4.7 ms for SmolLM2's [32, 49152] logits against ~1.9 ms)."""
+    peak = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1] (NaN if the row has one)
+    is_peak = (logits == peak) | jnp.isnan(logits)  # [B, V]
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)  # [B, V]
+    return jnp.min(jnp.where(is_peak, index, logits.shape[-1]), axis=-1)  # [B]
 
 
 def _nucleus_filter(logits: Array, top_p: Array) -> Array:

@@ -13,7 +13,7 @@ from t2jax import model as model_lib
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
 from t2jax.padding import bucket_length, new_tokens_bucket
-from t2jax.prefill import empty_cache
+from t2jax.prefill import empty_cache, first_argmax
 from t2jax.sampler import Sampler, compacted_rows
 from t2jax.svf import cache as svf_cache
 from t2jax.svf import factors as svf_factors
@@ -300,6 +300,51 @@ def test_decode_loop_updates_the_cache_in_place(tiny_model):
     cache_shape = ",".join(map(str, state.cache.k[0].shape))
     copies = re.findall(rf"f32\[{cache_shape}\]\S* copy\(", hlo.compile().as_text())
     assert copies == []
+
+
+def test_decode_loop_keeps_a_bf16_cache_in_bf16(tiny_checkpoint):
+    """With bf16 weights and cache, no fp32 array of a layer's cache shape may appear in the
+    compiled decode loop: XLA:CPU ran the bf16 cache write in fp32, converting every layer's
+    whole cache to fp32 and back at every step, until `model.write_slots` wrote its bits."""
+    from t2jax import sampler as sampler_lib
+
+    config, batch, length = tiny_checkpoint.config, 2, 8
+    weights = loading.weights_from_hf(
+        config, tiny_checkpoint.tensors, dtype=jnp.bfloat16, stacked=False
+    )
+    cache = model_lib.init_cache(config, batch, length + 64, dtype=jnp.bfloat16, stacked=False)
+    controls = (jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1]))
+    tokens, mask = jnp.ones((batch, length), jnp.int32), jnp.ones((batch, length), bool)
+    state = sampler_lib.prefill(config, weights, None, tokens, mask, cache, *controls)
+    hlo = sampler_lib.decode.lower(config, weights, None, state, *controls, jnp.int32(9))
+    cache_shape = ",".join(map(str, state.cache.k[0].shape))
+    assert state.cache.k[0].dtype == jnp.bfloat16
+    assert re.findall(rf"f32\[{cache_shape}\]", hlo.compile().as_text()) == []
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_slots_is_a_dynamic_update_slice(dtype):
+    cache = jax.random.normal(jax.random.key(0), (2, 3, 8, 4)).astype(dtype)  # [B, K, S, H]
+    new = jax.random.normal(jax.random.key(1), (2, 3, 1, 4))  # fp32, as the layer computes it
+    written = model_lib.write_slots(cache, new, (0, 0, 5, 0))
+    expected = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (0, 0, 5, 0))
+    assert written.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(written, np.float32), np.asarray(expected, np.float32))
+
+
+def test_first_argmax_matches_argmax_with_ties_and_nans():
+    logits = jnp.asarray(
+        [
+            [0.5, 2.0, -1.0, 2.0],  # a tie: the first maximum
+            [-jnp.inf, -jnp.inf, -3.0, -jnp.inf],
+            [1.0, jnp.nan, 5.0, jnp.nan],  # argmax takes the first NaN
+            [jnp.inf, 0.0, jnp.inf, 1.0],
+        ]
+    )
+    np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))
+    random = jax.random.normal(jax.random.key(0), (8, 1000))
+    np.testing.assert_array_equal(first_argmax(random), jnp.argmax(random, axis=-1))
+    assert first_argmax(random).dtype == jnp.int32
 
 
 def test_bf16_weights_keep_fp32_activations_and_match_fp32(tiny_checkpoint):

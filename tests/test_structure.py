@@ -10,7 +10,17 @@ PACKAGE = REPO / "t2jax"
 MAX_MODULE_LINES = 500
 # Layers, lowest first: a module may import (at module level) only from its own layer or below.
 LAYERS = [
-    {"configuration", "config", "native", "ops", "files", "padding", "svf.core", "adapters.core"},
+    {
+        "configuration",
+        "config",
+        "native",
+        "ops",
+        "rope",
+        "files",
+        "padding",
+        "svf.core",
+        "adapters.core",
+    },
     {"checkpoints", "parallel", "model", "plan.hardware", "plan.models", "adapters.peft_format"},
     {
         "plan.rules",
