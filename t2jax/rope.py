@@ -33,8 +33,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 def rotation(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
-    """cos and sin [B, T, 1, H] of the rotary angles at `positions` [B, T], computed once per
-    forward pass for every layer's queries and keys."""
+    """cos and sin [B, T, 1, H] of the rotary angles at `positions` [B, T], for every layer's
+    queries and keys (XLA:CPU still fuses them into each layer's rotation)."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     return jnp.cos(angles), jnp.sin(angles)
