@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="passes per timed call")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    if not native.rowdot_available():
+    if not native.available():
         raise SystemExit("the native kernel is not available (see the log for the build error)")
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
     print("| in x out | rows | XLA ms | native ms | XLA GB/s | native GB/s | speedup |")

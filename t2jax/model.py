@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from t2jax import ops, rope
+from t2jax import attention, ops, rope
 from t2jax.adapters import core as adapters
 from t2jax.config import ModelConfig
 from t2jax.svf import core as svf_lib
@@ -189,94 +188,6 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
     return scale * normed.astype(x.dtype)  # [..., D]
 
 
-def cache_mask(
-    write_index: Array, length: int, cache_valid: Array, sliding_window: int | None
-) -> Array:
-    """Boolean [B, T, S]: which cache slots (all written before this call, so never in the
-    future) the T new tokens see: real tokens only, and (Mistral) inside the sliding window. Left
-    padding keeps real tokens in consecutive slots, so slot distance equals position distance."""
-    query_slots = write_index + jnp.arange(length)  # [T]
-    key_slots = jnp.arange(cache_valid.shape[1])  # [S]
-    visible = cache_valid[:, None, :]  # [B, 1, S]
-    if sliding_window is not None:
-        visible = visible & (query_slots[:, None] - key_slots[None, :] < sliding_window)
-    return jnp.broadcast_to(visible, (cache_valid.shape[0], length, cache_valid.shape[1]))
-
-
-def causal_mask(token_mask: Array, sliding_window: int | None) -> Array:
-    """Boolean [B, T, T]: causal attention among the new tokens, real keys only, windowed."""
-    length = token_mask.shape[1]
-    offsets = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]  # [T, T] query - key
-    visible = offsets >= 0  # [T, T]
-    if sliding_window is not None:
-        visible &= offsets < sliding_window
-    return visible[None] & token_mask[:, None, :]  # [B, T, T]
-
-
-def grouped_attention(q: Array, blocks: Sequence[tuple[Array, Array, Array]]) -> Array:
-    """Grouped-query attention over several key/value blocks with one joint softmax.
-
-    Args:
-        q: [B, T, N, H] queries.
-        blocks: (k [B, K, S_i, H], v [B, K, S_i, H], mask [B, T, S_i]) per block, e.g. the cache
-            as it was before this call and the new tokens. Attending to them as separate blocks
-            (instead of writing the new tokens into the cache first and reading it back) lets XLA
-            update the cache in place without copying it every decode step.
-
-    Returns:
-        [B, T, N*H]. Query heads of a kv group are folded with the query positions into one
-        matmul dimension (M = G*T), so the matmuls are batched over (B, K) with contiguous
-        operands (~4x faster on XLA:CPU than a [B, T, K, G, H] x [B, S, K, H] einsum).
-    """
-    batch, length, num_heads, head_dim = q.shape
-    num_kv = blocks[0][0].shape[1]
-    groups = num_heads // num_kv
-    q = q.reshape(batch, length, num_kv, groups, head_dim)  # [B, T, K, G, H]
-    q = q.transpose(0, 2, 3, 1, 4).reshape(batch, num_kv, groups * length, head_dim)  # [B,K,M,H]
-    scores = [_block_scores(q, k, mask, groups) for k, _, mask in blocks]  # [B, K, M, S_i] each
-    peak = jnp.max(jnp.stack([jnp.max(s, axis=-1) for s in scores]), axis=0)  # [B, K, M]
-    weights = [jnp.exp(s - peak[..., None]) for s in scores]  # [B, K, M, S_i] each
-    total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, K, M]
-    out = sum(
-        jnp.einsum("bkms,bksh->bkmh", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        for w, (_, v, _) in zip(weights, blocks, strict=True)
-    )  # [B, K, M, H]
-    out = (out / total[..., None]).astype(q.dtype)  # [B, K, M, H]
-    out = out.reshape(batch, num_kv, groups, length, head_dim)  # [B, K, G, T, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads * head_dim)  # [B,T,N*H]
-
-
-def write_slots(cache: Array, new: Array, start: tuple) -> Array:
-    """`cache` with `new` written at `start` (a dynamic update slice in the cache's dtype).
-
-    When `new` must be narrowed first (fp32 activations into a bf16 cache), XLA moves the
-    narrowing convert past the update slice, which then converts the layer's whole cache to fp32
-    and back at every write (~0.15 ms per layer and step for SmolLM2 at batch 32 on XLA:CPU).
-    Writing the narrowed values' bit patterns as unsigned integers keeps the convert on `new`;
-    the bits are the same. (On XLA:CPU the write is then a copy of the layer's cache, not in
-    place, since the fusion ends in a bitcast; without a convert the plain update is in place.)"""
-    if new.dtype == cache.dtype:
-        return jax.lax.dynamic_update_slice(cache, new, start)  # [B, K, S, H]
-    bits = jnp.dtype(f"uint{8 * cache.dtype.itemsize}")
-    written = jax.lax.dynamic_update_slice(
-        jax.lax.bitcast_convert_type(cache, bits),
-        jax.lax.bitcast_convert_type(new.astype(cache.dtype), bits),
-        start,
-    )  # [B, K, S, H]
-    return jax.lax.bitcast_convert_type(written, cache.dtype)
-
-
-def _block_scores(q: Array, k: Array, mask: Array, groups: int) -> Array:
-    """Masked scaled scores [B, K, M, S] of folded queries q [B, K, M, H] against k [B, K, S, H]."""
-    batch, length, keys = mask.shape
-    q = q.astype(k.dtype)  # [B, K, M, H] (a bf16 cache is read as bf16)
-    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])  # [B, K, M, S]
-    visible = jnp.broadcast_to(mask[:, None, None], (batch, 1, groups, length, keys))
-    visible = visible.reshape(batch, 1, groups * length, keys)  # [B, 1, M, S]
-    return jnp.where(visible, scores, jnp.finfo(jnp.float32).min)  # [B, K, M, S]
-
-
 def _project(x: Array, layer: LayerDict, name: str, svf_layer: LayerAdaptation | None) -> Array:
     """x @ W (+ bias), where W is the dense kernel, for SVF targets its adapted factors, and for
     LoRA / IA3 / DoRA targets the dense kernel with the adapter applied."""
@@ -336,7 +247,6 @@ def _decoder_layer(
     (k, v) cache [B, K, S, H] (None without a cache). The cache is attended to only when
     `masks` has a cache mask (not for a cache that holds nothing yet)."""
     batch, length, _ = x.shape
-    new_mask, cached_mask = masks
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)  # [B, T, D]
     kv_width = config.num_kv_heads * config.head_dim
     widths = (config.num_heads * config.head_dim, kv_width, kv_width)  # N*H, K*H, K*H
@@ -345,17 +255,7 @@ def _decoder_layer(
     k = rope.apply(k.reshape(batch, length, config.num_kv_heads, config.head_dim), rotation)
     k = k.transpose(0, 2, 1, 3)  # [B, K, T, H]
     v = v.reshape(batch, length, config.num_kv_heads, config.head_dim).transpose(0, 2, 1, 3)
-    blocks = [(k, v, new_mask)]  # the new tokens among themselves
-    if layer_cache is not None:
-        k_cache, v_cache = layer_cache  # [B, K, S, H] each, as before this call
-        if cached_mask is not None:
-            blocks.insert(0, (k_cache, v_cache, cached_mask))
-        start = (0, 0, write_index, 0)
-        layer_cache = (
-            write_slots(k_cache, k, start),  # [B, K, S, H]
-            write_slots(v_cache, v, start),  # [B, K, S, H]
-        )
-    attn = grouped_attention(q, blocks)  # [B, T, N*H]
+    attn, layer_cache = attention.attend(q, k, v, layer_cache, masks, write_index)  # [B, T, N*H]
     x = x + _project(attn, layer, "self_attn.o_proj", svf_layer)  # [B, T, D]
     h = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)  # [B, T, D]
     mlp_widths = (config.intermediate_size,) * 2
@@ -432,10 +332,10 @@ def forward(
     x = x.astype(activation_dtype(weights.embed.dtype, platform_of(weights.embed)))  # [B, T, D]
     inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     rotation = rope.rotation(positions, inv_freq)  # cos, sin [B, T, 1, H]
-    new_mask = causal_mask(token_mask, config.sliding_window)  # [B, T, T]
+    new_mask = attention.causal_mask(token_mask, config.sliding_window)  # [B, T, T]
     cached_mask = None
     if cache is not None and not empty_cache:
-        cached_mask = cache_mask(cache.index, length, cache.valid, config.sliding_window)
+        cached_mask = attention.cache_mask(cache.index, length, cache.valid, config.sliding_window)
     write_index = None if cache is None else cache.index
 
     def step(x, layer_inputs):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tiny
 
-from t2jax import loading, parallel
+from t2jax import attention, loading, native, parallel
 from t2jax import model as model_lib
 from t2jax.checkpoints import load_checkpoint
 from t2jax.config import MeshConfig, SamplerConfig
@@ -302,12 +302,21 @@ def test_decode_loop_updates_the_cache_in_place(tiny_model):
     assert copies == []
 
 
-def test_decode_loop_keeps_a_bf16_cache_in_bf16(tiny_checkpoint):
+@pytest.mark.parametrize("kernels", ["native", "xla"])
+def test_decode_loop_keeps_a_bf16_cache_in_bf16_and_in_place(tiny_checkpoint, monkeypatch, kernels):
     """With bf16 weights and cache, no fp32 array of a layer's cache shape may appear in the
     compiled decode loop: XLA:CPU ran the bf16 cache write in fp32, converting every layer's
-    whole cache to fp32 and back at every step, until `model.write_slots` wrote its bits."""
+    whole cache to fp32 and back at every step, until `attention.write_slots` wrote its bits.
+    With the native kernels, the decode attention writes each layer's cache in place: one call
+    per layer, and no copy of a cache."""
     from t2jax import sampler as sampler_lib
 
+    if kernels == "xla":
+        monkeypatch.setenv(native.ENABLE_ENV, "0")
+    native.available.cache_clear()
+    if kernels == "native" and not native.available():
+        pytest.skip("the native kernels do not build here")
+    jax.clear_caches()  # the kernels are chosen when a program is traced
     config, batch, length = tiny_checkpoint.config, 2, 8
     weights = loading.weights_from_hf(
         config, tiny_checkpoint.tensors, dtype=jnp.bfloat16, stacked=False
@@ -317,16 +326,25 @@ def test_decode_loop_keeps_a_bf16_cache_in_bf16(tiny_checkpoint):
     tokens, mask = jnp.ones((batch, length), jnp.int32), jnp.ones((batch, length), bool)
     state = sampler_lib.prefill(config, weights, None, tokens, mask, cache, *controls)
     hlo = sampler_lib.decode.lower(config, weights, None, state, *controls, jnp.int32(9))
+    text = hlo.compile().as_text()
+    native.available.cache_clear()
+    jax.clear_caches()
     cache_shape = ",".join(map(str, state.cache.k[0].shape))
     assert state.cache.k[0].dtype == jnp.bfloat16
-    assert re.findall(rf"f32\[{cache_shape}\]", hlo.compile().as_text()) == []
+    assert re.findall(rf"f32\[{cache_shape}\]", text) == []
+    calls = text.count(f'custom_call_target="{native.ATTENTION_TARGET}"')
+    if kernels == "native":
+        assert calls == config.num_layers
+        assert re.findall(rf"bf16\[{cache_shape}\]\S* copy\(", text) == []
+    else:
+        assert calls == 0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_write_slots_is_a_dynamic_update_slice(dtype):
     cache = jax.random.normal(jax.random.key(0), (2, 3, 8, 4)).astype(dtype)  # [B, K, S, H]
     new = jax.random.normal(jax.random.key(1), (2, 3, 1, 4))  # fp32, as the layer computes it
-    written = model_lib.write_slots(cache, new, (0, 0, 5, 0))
+    written = attention.write_slots(cache, new, (0, 0, 5, 0))
     expected = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (0, 0, 5, 0))
     assert written.dtype == dtype
     np.testing.assert_array_equal(np.asarray(written, np.float32), np.asarray(expected, np.float32))

@@ -16,6 +16,7 @@ LAYERS = [
         "native",
         "ops",
         "rope",
+        "attention",
         "files",
         "padding",
         "svf.core",

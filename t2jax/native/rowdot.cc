@@ -9,29 +9,23 @@
 // without the fused copy of the weights that `model.fuse_projections` makes.
 //
 // The work is cut into tiles: blocks of output columns times, for [depth, width] weights, slices
-// of the depth whose partial sums are added at the end. One core streams about half of what two
-// do, and a decoder's matrices take tens of microseconds each, so the call's thread shares its
-// tiles with helpers: tasks on XLA's intra-op pool (one per further pool thread, at most
-// kMaxHelpers) that stay for kSpin after their last tile, claiming the tiles of the next calls
-// from a shared ticket (generation << 32 | next tile), then give their thread back. Running on
-// the pool's own threads, they do not compete with it for cores. One call at a time uses the
-// helpers; a concurrent call computes alone, so calls never wait on each other. Built at first
-// use by `t2jax.native` (-O3 -march=native).
+// of the depth whose partial sums are added at the end; the call's thread shares them with
+// helpers on XLA's intra-op pool (`crew.h`). Built at first use by `t2jax.native` (-O3
+// -march=native).
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
-#include <thread>
 #include <vector>
 
+#include "crew.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-
 namespace {
+
+namespace ffi = xla::ffi;
+using t2jax_native::TheCrew;
 
 constexpr int64_t kRowsPerPass = 4;   // rows of x that share one read of a weight row
 constexpr int64_t kKPerPass = 4;      // weight rows accumulated per pass over the outputs
@@ -42,22 +36,12 @@ constexpr int64_t kLine = 32;         // bf16 per cache line
 constexpr int64_t kOutInBlock = 2048;  // output columns per tile of a [width, depth] matrix
 constexpr int64_t kMinSlice = 64;     // weight rows per depth slice, at least
 constexpr int64_t kTilesPerThread = 4;
-constexpr int kMaxHelpers = 7;
-constexpr auto kSpin = std::chrono::microseconds(300);  // a helper idles this long, then leaves
 
 inline float Widen(uint16_t bits) {
   uint32_t word = static_cast<uint32_t>(bits) << 16;
   float value;
   std::memcpy(&value, &word, sizeof(value));
   return value;
-}
-
-inline void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
 }
 
 // One matrix of a call: its weights, its columns of y, and its tiles.
@@ -223,82 +207,6 @@ void AddSlices(Job& job) {
   }
 }
 
-// The one job that helpers on XLA's intra-op pool share, and their loop.
-class Crew {
- public:
-  Job& job() { return job_; }
-  std::mutex& caller() { return caller_; }
-
-  // Runs the job's tiles (laid out, fields written) with up to `helpers` pool threads; called
-  // under caller().
-  void Run(ffi::ThreadPool& pool, int helpers) {
-    const uint32_t generation = ++generation_;  // wraps after 2^32 calls, as the ticket's half
-    // The ticket moves first: no helper still on the last call can claim a tile of this one.
-    ticket_.store(uint64_t{generation} << 32, std::memory_order_seq_cst);
-    tiles_.store(job_.tiles, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    published_.store(generation, std::memory_order_seq_cst);
-    for (int active = active_.load(); active < helpers;) {
-      if (active_.compare_exchange_weak(active, active + 1)) {
-        pool.Schedule([this] { Serve(); });
-        ++active;
-      }
-    }
-    Claim(generation);
-    while (done_.load(std::memory_order_acquire) < job_.tiles) Pause();
-  }
-
- private:
-  // Computes tiles of `generation` until none is left or a newer call has started.
-  void Claim(uint32_t generation) {
-    uint64_t ticket = ticket_.load(std::memory_order_acquire);
-    for (;;) {
-      if ((ticket >> 32) != generation) return;
-      const int64_t tile = static_cast<int64_t>(ticket & 0xffffffffu);
-      if (tile >= tiles_.load(std::memory_order_relaxed)) return;
-      if (ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel)) {
-        RunTile(job_, tile);
-        done_.fetch_add(1, std::memory_order_release);
-        ticket = ticket_.load(std::memory_order_acquire);
-      }
-    }
-  }
-
-  // A helper: claims tiles of each new call, and gives its pool thread back after kSpin idle.
-  void Serve() {
-    uint32_t seen = 0;
-    auto idle_since = std::chrono::steady_clock::now();
-    for (int spin = 1;; ++spin) {
-      const uint32_t generation = published_.load(std::memory_order_acquire);
-      if (generation != seen) {
-        seen = generation;
-        Claim(generation);
-        idle_since = std::chrono::steady_clock::now();
-      } else if (spin % 64 == 0 && std::chrono::steady_clock::now() - idle_since > kSpin) {
-        active_.fetch_sub(1);
-        return;
-      }
-      Pause();
-    }
-  }
-
-  Job job_;
-  uint32_t generation_ = 0;  // written under caller_ only
-  std::mutex caller_;
-  // Each counter on its own cache line: helpers poll `published_` while tiles are claimed and
-  // counted on the others.
-  alignas(64) std::atomic<uint64_t> ticket_{0};
-  alignas(64) std::atomic<uint32_t> published_{0};
-  alignas(64) std::atomic<int64_t> done_{0};
-  alignas(64) std::atomic<int64_t> tiles_{0};
-  std::atomic<int> active_{0};  // helpers in Serve
-};
-
-Crew& TheCrew() {
-  static Crew* crew = new Crew();
-  return *crew;  // never destroyed: helpers may still be leaving Serve at exit
-}
-
 // Fills the job's operands from the call; an error message for operands that do not fit.
 const char* Prepare(Job& job, ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs kernels,
                     ffi::Result<ffi::Buffer<ffi::F32>> y, bool transposed, int64_t threads) {
@@ -337,16 +245,17 @@ const char* Prepare(Job& job, ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs kerne
 
 ffi::Error RowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs kernels,
                   ffi::Result<ffi::Buffer<ffi::F32>> y, bool transposed) {
-  const int helpers = std::clamp<int>(pool.num_threads() - 1, 0, kMaxHelpers);
-  Crew& crew = TheCrew();
+  const int helpers = t2jax_native::Helpers(pool);
+  t2jax_native::Crew& crew = TheCrew();
   std::unique_lock<std::mutex> lock(crew.caller(), std::try_to_lock);
-  Job alone;  // when another call has the crew: compute alone
-  Job& job = lock.owns_lock() ? crew.job() : alone;
+  static Job& shared = *new Job();  // the crew caller's, kept between calls under its lock
+  Job alone;          // when another call has the crew: compute alone
+  Job& job = lock.owns_lock() ? shared : alone;
   if (const char* error = Prepare(job, x, kernels, y, transposed, lock.owns_lock() ? helpers + 1 : 1)) {
     return ffi::Error::InvalidArgument(error);
   }
   if (lock.owns_lock()) {
-    crew.Run(pool, helpers);
+    crew.Run(pool, helpers, job.tiles, [&job](int64_t tile) { RunTile(job, tile); });
   } else {
     for (int64_t tile = 0; tile < job.tiles; ++tile) RunTile(job, tile);
   }
