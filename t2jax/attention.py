@@ -48,17 +48,18 @@ def attend(
     new_mask, cached_mask = masks
     if layer_cache is None:
         return grouped_attention(q, [(k, v, new_mask)]), None
-    xla = functools.partial(_attend_in_xla, new_mask=new_mask, cached_mask=cached_mask)
+    xla = functools.partial(attend_in_xla, new_mask=new_mask, cached_mask=cached_mask)
     if cached_mask is None or not native.wants_decode_attention(q, *layer_cache):
         return xla(q, k, v, *layer_cache, write_index)
-    native_step = functools.partial(_attend_natively, new_mask=new_mask, cached_mask=cached_mask)
+    native_step = functools.partial(attend_natively, new_mask=new_mask, cached_mask=cached_mask)
     return jax.lax.platform_dependent(
         q, k, v, *layer_cache, write_index, cpu=native_step, default=xla
     )
 
 
-def _attend_in_xla(q, k, v, k_cache, v_cache, write_index, *, new_mask, cached_mask):
-    """`attend` by `grouped_attention` and `write_slots`, on any platform."""
+def attend_in_xla(q, k, v, k_cache, v_cache, write_index, *, new_mask, cached_mask):
+    """`attend` with a cache, by `grouped_attention` and `write_slots`, on any platform: q
+    [B, T, N, H], k, v [B, K, T, H], caches [B, K, S, H]; returns [B, T, N*H] and the caches."""
     blocks = [(k, v, new_mask)]  # the new tokens among themselves
     if cached_mask is not None:
         blocks.insert(0, (k_cache, v_cache, cached_mask))
@@ -67,8 +68,9 @@ def _attend_in_xla(q, k, v, k_cache, v_cache, write_index, *, new_mask, cached_m
     return grouped_attention(q, blocks), written
 
 
-def _attend_natively(q, k, v, k_cache, v_cache, write_index, *, new_mask, cached_mask):
-    """`attend` for one new token per row by the native CPU kernel."""
+def attend_natively(q, k, v, k_cache, v_cache, write_index, *, new_mask, cached_mask):
+    """`attend_in_xla` for one new token per row (T = 1) over bf16 caches, by the native CPU
+    kernel (`native.decode_attention`; the program must run on the CPU)."""
     batch, _, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[1]
     folded = q.reshape(batch, num_kv, num_heads // num_kv, head_dim)  # [B, K, G, H] (T = 1)
