@@ -36,7 +36,7 @@ from t2jax import files
 
 Array = jax.Array
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("rowdot.cc", "attention.cc"))
-HEADERS = (pathlib.Path(__file__).with_name("crew.h"),)
+HEADERS = tuple(pathlib.Path(__file__).with_name(name) for name in ("bf16.h", "crew.h"))
 TARGET = "t2jax_rowdot_bf16"
 ATTENTION_TARGET = "t2jax_decode_attention_bf16"
 ENABLE_ENV = "T2JAX_NATIVE"

@@ -27,27 +27,15 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "crew.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
 
 namespace ffi = xla::ffi;
-
-inline float Widen(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
-
-// fp32 to bf16, rounding to nearest even as XLA's convert does (a NaN stays a quiet NaN).
-inline uint16_t Narrow(float value) {
-  uint32_t word;
-  std::memcpy(&word, &value, sizeof(word));
-  const uint32_t rounded = (word + 0x7fff + ((word >> 16) & 1)) >> 16;
-  return static_cast<uint16_t>(value != value ? (word >> 16) | 0x40 : rounded);
-}
+using t2jax_native::Widen;
+using t2jax_native::Narrow;
 
 // e^x for the softmax's x <= 0, in plain arithmetic that vectorizes (libm's expf does not):
 // 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 by a degree-6 Taylor polynomial

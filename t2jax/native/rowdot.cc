@@ -19,12 +19,14 @@
 #include <mutex>
 #include <vector>
 
+#include "bf16.h"
 #include "crew.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
 
 namespace ffi = xla::ffi;
+using t2jax_native::Widen;
 using t2jax_native::TheCrew;
 
 constexpr int64_t kRowsPerPass = 4;   // rows of x that share one read of a weight row
@@ -36,13 +38,6 @@ constexpr int64_t kLine = 32;         // bf16 per cache line
 constexpr int64_t kOutInBlock = 2048;  // output columns per tile of a [width, depth] matrix
 constexpr int64_t kMinSlice = 64;     // weight rows per depth slice, at least
 constexpr int64_t kTilesPerThread = 4;
-
-inline float Widen(uint16_t bits) {
-  uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
 
 // One matrix of a call: its weights, its columns of y, and its tiles.
 struct Part {
